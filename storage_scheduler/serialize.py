@@ -1,0 +1,292 @@
+"""Object names and the byte layout of stored results.
+
+An object is::
+
+    MAGIC (8 bytes) | header length (u32) | checksum (u64) | header (msgpack) | payload
+
+The payload is distributed's own framing of the value (:func:`serialize_bytelist`), so
+numpy buffers and other out-of-band frames are written without copies. The checksum
+(xxh3-64) covers the header and the payload: a truncated or corrupted object raises
+:class:`~storage_scheduler.IntegrityError` on read and is never deserialized.
+
+All functions here are pure and CPU-bound: callers on an event loop run them in an
+executor.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import numbers
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import msgpack
+import xxhash
+from distributed.protocol import deserialize_bytes, serialize_bytelist
+from distributed.protocol.compression import decompress
+from distributed.protocol.serialize import Serialized
+from distributed.protocol.utils import unpack_frames
+
+from storage_scheduler._exceptions import IntegrityError
+
+__all__ = [
+    "ObjectHeader",
+    "decode_serialized",
+    "decode_value",
+    "encode",
+    "key_from_object_name",
+    "object_name",
+    "object_path",
+    "pack_key",
+    "read_header",
+    "unpack_key",
+    "verify",
+]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+MAGIC = b"DSKSTOR1"
+_PREFIX = struct.Struct("<8sIQ")
+PREFIX_SIZE = _PREFIX.size
+_BIGINT = 1  # msgpack ext type of integers outside the 64-bit range
+
+#: Longest name that spells the key out; longer keys are named by a digest instead.
+#: 200 + 1 leaves room below the 255-byte file name limit of common filesystems.
+MAX_SPELLED_NAME = 200
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _to_msgpack(key: object) -> Any:
+    if type(key) is tuple:
+        return [_to_msgpack(k) for k in key]
+    if isinstance(key, (str, bytes)):
+        return key
+    if isinstance(key, bool):
+        raise TypeError(f"not a valid Dask key part: {key!r}")
+    if isinstance(key, numbers.Integral):
+        key = int(key)
+        if -(2**63) <= key < 2**64:
+            return key
+        return msgpack.ExtType(_BIGINT, str(key).encode())
+    if isinstance(key, numbers.Real):
+        return float(key)
+    raise TypeError(f"not a valid Dask key part: {key!r} of type {type(key).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> object:
+    if code == _BIGINT:
+        return int(data.decode())
+    return msgpack.ExtType(code, data)
+
+
+def pack_key(key: object) -> bytes:
+    """Encode a Dask key to bytes, injectively: distinct keys give distinct bytes.
+
+    Examples
+    --------
+    >>> unpack_key(pack_key(("x", 1, 2.5, b"y")))
+    ('x', 1, 2.5, b'y')
+    """
+    return msgpack.packb(_to_msgpack(key), use_bin_type=True)
+
+
+def unpack_key(data: bytes) -> Any:
+    """Inverse of :func:`pack_key`."""
+    return msgpack.unpackb(data, raw=False, use_list=False, ext_hook=_ext_hook)
+
+
+def object_name(key: object) -> str:
+    """A file name for a key: injective, at most 201 characters, made of ``[a-z0-9]``.
+
+    Short keys are spelled out in lower-case base32 (so the name is reversible, and
+    distinct even on case-insensitive filesystems) behind a ``k``; longer ones are named
+    ``h`` + the SHA-256 of the key. No name contains ``/`` or ``.``, so no key can reach
+    outside the store's directory.
+
+    Examples
+    --------
+    >>> object_name("x")
+    'kuf4a'
+    >>> key_from_object_name(object_name(("a/../b", 3)))
+    ('a/../b', 3)
+    """
+    packed = pack_key(key)
+    spelled = base64.b32encode(packed).decode().rstrip("=").lower()
+    if len(spelled) <= MAX_SPELLED_NAME:
+        return "k" + spelled
+    return "h" + hashlib.sha256(packed).hexdigest()
+
+
+def key_from_object_name(name: str) -> Any | None:
+    """The key a name spells out, or None for a digest name (read its header instead)."""
+    if not name.startswith("k"):
+        return None
+    spelled = name[1:].upper()
+    return unpack_key(base64.b32decode(spelled + "=" * (-len(spelled) % 8)))
+
+
+def object_path(key: object) -> str:
+    """Path of a key's object relative to the store root: ``objects/<shard>/<name>``.
+
+    The two-character shard spreads objects over 256 directories, so that no single
+    directory (or S3 prefix) holds millions of entries.
+    """
+    name = object_name(key)
+    shard = hashlib.blake2b(name.encode(), digest_size=1).hexdigest()
+    return f"objects/{shard}/{name}"
+
+
+# --------------------------------------------------------------------------- framing
+
+
+@dataclass(frozen=True)
+class ObjectHeader:
+    """What a stored object says about itself."""
+
+    #: The Dask key whose result this is.
+    key: Any
+    #: Token of what produced the result (function, arguments, dependencies), if known.
+    token: str | None
+    #: Size of the payload, the serialized value.
+    nbytes: int
+    #: Type name of the value, for listings.
+    type: str
+    #: When the object was written (seconds since the epoch).
+    created: float
+
+
+def encode(
+    key: object,
+    value: object,
+    *,
+    token: str | None = None,
+    compression: str | bool | None = "auto",
+) -> list[Buffer]:
+    """Frames of the object storing ``value`` under ``key``; write them in order.
+
+    The frames reference the value's buffers (no copy of numpy data is made).
+    """
+    # on_error="raise": by default distributed "serializes" a failure as an error message,
+    # which would be stored as if it were the result.
+    payload = serialize_bytelist(
+        value, compression=compression if compression else False, on_error="raise"
+    )
+    header = msgpack.packb(
+        {
+            "key": pack_key(key),
+            "token": token,
+            "nbytes": sum(memoryview(f).nbytes for f in payload),
+            "type": type(value).__name__,
+            "created": time.time(),
+        },
+        use_bin_type=True,
+    )
+    digest = xxhash.xxh3_64(header)
+    for frame in payload:
+        digest.update(frame)
+    return [_PREFIX.pack(MAGIC, len(header), digest.intdigest()), header, *payload]
+
+
+def _parse_header(data: Buffer, where: str) -> ObjectHeader:
+    try:
+        h = msgpack.unpackb(data, raw=False)
+        return ObjectHeader(
+            key=unpack_key(h["key"]),
+            token=h["token"],
+            nbytes=int(h["nbytes"]),
+            type=str(h["type"]),
+            created=float(h["created"]),
+        )
+    except Exception as e:
+        raise IntegrityError(f"corrupted object header in {where}: {e}") from e
+
+
+def _split_prefix(buf: memoryview, where: str) -> tuple[int, int]:
+    if buf.nbytes < PREFIX_SIZE:
+        raise IntegrityError(f"truncated object {where}: {buf.nbytes} bytes")
+    magic, header_len, checksum = _PREFIX.unpack_from(buf)
+    if magic != MAGIC:
+        raise IntegrityError(f"not a storage_scheduler object: {where}")
+    return header_len, checksum
+
+
+def read_header(data: Buffer, where: str = "object") -> ObjectHeader:
+    """Parse the header from the first bytes of an object (for listings).
+
+    Raises IntegrityError if ``data`` is too short to hold the whole header.
+    """
+    buf = memoryview(data).cast("B")
+    header_len, _ = _split_prefix(buf, where)
+    end = PREFIX_SIZE + header_len
+    if buf.nbytes < end:
+        raise IntegrityError(f"truncated object header in {where}")
+    return _parse_header(buf[PREFIX_SIZE:end], where)
+
+
+def header_span(data: Buffer, where: str = "object") -> int:
+    """How many leading bytes of an object hold its prefix and header."""
+    header_len, _ = _split_prefix(memoryview(data).cast("B"), where)
+    return PREFIX_SIZE + header_len
+
+
+def verify(data: Buffer, key: object = None, where: str = "object") -> tuple[ObjectHeader, memoryview]:
+    """Check an object's length and checksum; return its header and payload.
+
+    Parameters
+    ----------
+    data
+        The whole object as read from the store.
+    key
+        If given, the key the object must hold (guards against misplaced objects).
+    where
+        Path or URL named in error messages.
+
+    Raises
+    ------
+    IntegrityError
+        If the object is truncated, corrupted, or holds another key.
+    """
+    buf = memoryview(data).cast("B")
+    header_len, checksum = _split_prefix(buf, where)
+    end = PREFIX_SIZE + header_len
+    if buf.nbytes < end:
+        raise IntegrityError(f"truncated object {where}: {buf.nbytes} bytes")
+    body = buf[PREFIX_SIZE:]
+    if xxhash.xxh3_64_intdigest(body) != checksum:
+        # Name the likelier cause: a short object was cut off, a full-length one damaged.
+        header = _parse_header(buf[PREFIX_SIZE:end], where)
+        expected = end + header.nbytes
+        if buf.nbytes != expected:
+            raise IntegrityError(f"truncated object {where}: {buf.nbytes} of {expected} bytes")
+        raise IntegrityError(f"corrupted object {where}: checksum mismatch")
+    header = _parse_header(buf[PREFIX_SIZE:end], where)
+    if key is not None and pack_key(key) != pack_key(header.key):
+        raise IntegrityError(f"object {where} holds key {header.key!r}, not {key!r}")
+    return header, buf[end:]
+
+
+def decode_value(payload: Buffer) -> Any:
+    """Deserialize a verified payload (unpickles: only where user data may be loaded)."""
+    return deserialize_bytes(payload)
+
+
+def decode_serialized(payload: Buffer) -> Serialized:
+    """A verified payload as ``Serialized`` frames, without unpickling anything.
+
+    For processes that pass data along without looking at it (the scheduler). The
+    frames are decompressed here, so the header must say they are no longer compressed;
+    otherwise the receiver would try to decompress them again.
+    """
+    frames: Sequence[Buffer] = unpack_frames(payload)
+    header = msgpack.loads(frames[0], raw=False, use_list=False) if frames[0] else {}
+    data = frames[1:]
+    if "compression" in header:
+        data = decompress(header, data)
+        header = {**header, "compression": (None,) * len(data)}
+    return Serialized(header, list(data))

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pytest
+
+from tests.s3server import CREDENTIALS, MotoServer
+
+# Every process the tests start (workers, the CLI) inherits these: moto accepts any
+# credentials, and botocore must not go looking for real ones.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", CREDENTIALS["key"])
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", CREDENTIALS["secret"])
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+ENDPOINT_VAR = "STORAGE_SCHEDULER_TEST_S3_ENDPOINT"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server: ci/test.sh's if it started one, else our own."""
+    endpoint = os.environ.get(ENDPOINT_VAR)
+    if endpoint:
+        yield endpoint
+        return
+    with MotoServer() as server:
+        yield server.endpoint
+
+
+def s3_options(endpoint: str) -> dict[str, Any]:
+    return {"endpoint_url": endpoint, **CREDENTIALS}
+
+
+def make_bucket(endpoint: str) -> str:
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options(endpoint))
+    fs.mkdir(bucket)
+    return bucket
+
+
+@pytest.fixture
+def s3_store_url(s3_endpoint: str) -> tuple[str, dict[str, Any]]:
+    """URL and storage options of an empty prefix in a fresh bucket."""
+    return f"s3://{make_bucket(s3_endpoint)}/results", s3_options(s3_endpoint)
+
+
+@pytest.fixture(params=["memory", "local", "s3"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """Each backend in turn: URL and storage options of an empty store."""
+    if request.param == "memory":
+        return f"memory://store-{uuid.uuid4().hex}", {}
+    if request.param == "local":
+        return f"file://{tmp_path}/store", {}
+    return request.getfixturevalue("s3_store_url")  # type: ignore[no-any-return]

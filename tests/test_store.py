@@ -1,0 +1,254 @@
+"""The store contract, run against memory://, a local directory and S3 (moto)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import pytest_asyncio
+from distributed.protocol import deserialize
+from distributed.protocol.serialize import Serialized
+
+from storage_scheduler import IntegrityError, MissingObjectError, Store
+
+pytestmark = pytest.mark.asyncio
+
+ODD_KEYS = [
+    "x",
+    ("x", 0),
+    ("nested", ("tuple", 1, 2.5), -3),
+    "a/b/c",
+    "../../escape",
+    "/abs/path",
+    "nul\x00byte",
+    b"bytes-key",
+    2**70,
+    1.5,
+    "é" * 300,  # long: named by its digest
+    ("long",) * 200,
+]
+
+
+@pytest_asyncio.fixture
+async def store(store_url: tuple[str, dict[str, Any]]) -> AsyncIterator[Store]:
+    url, options = store_url
+    s = Store.from_url(url, **options)
+    yield s
+    s.close()
+
+
+async def damage(store: Store, key: object, fn: Any) -> None:
+    """Rewrite a key's object in place with ``fn(bytes) -> bytes`` behind the store's back."""
+    path = store.path(key)
+    data = store.fs.cat_file(path)
+    store.fs.pipe_file(path, fn(data))
+
+
+def assert_same(a: object, b: object) -> None:
+    if isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+    elif isinstance(a, pd.DataFrame):
+        pd.testing.assert_frame_equal(a, b)
+    else:
+        assert a == b
+
+
+VALUES = [
+    0,
+    None,
+    b"",
+    "text",
+    {"a": [1, 2, 3]},
+    np.arange(1000, dtype="f8"),
+    np.empty(0, dtype="i4"),
+    np.array(3.5),  # 0-d
+    np.zeros((3, 0)),
+    pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}),
+    pd.DataFrame({"a": []}),
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: type(v).__name__)
+async def test_put_get_round_trip(store: Store, value: object) -> None:
+    nbytes = await store.put("k", value)
+    assert nbytes > 0
+    assert_same(await store.get("k"), value)
+    assert await store.sizes(["k"]) == {"k": nbytes}
+
+
+async def test_numpy_read_back_writeable(store: Store) -> None:
+    await store.put("arr", np.arange(100_000))
+    out = await store.get("arr")
+    out[0] = 7  # distributed code may update arrays in place
+    assert out[0] == 7
+
+
+async def test_odd_keys(store: Store) -> None:
+    for i, key in enumerate(ODD_KEYS):
+        await store.put(key, i)
+    for i, key in enumerate(ODD_KEYS):
+        assert await store.get(key) == i
+        assert store.path(key).startswith(store.root + "/objects/")
+    listing = await store.list()
+    assert set(listing) == set(ODD_KEYS)
+    assert len(listing) == len(ODD_KEYS)
+
+
+async def test_exists_sizes_many(store: Store) -> None:
+    keys = [("k", i) for i in range(50)]
+    await asyncio.gather(*(store.put(k, i) for i, k in enumerate(keys[::2])))
+    assert await store.exists(keys) == set(keys[::2])
+    sizes = await store.sizes(keys)
+    assert set(sizes) == set(keys[::2]) and all(n > 0 for n in sizes.values())
+
+
+async def test_delete(store: Store) -> None:
+    await store.put("a", 1)
+    await store.put("b", 2)
+    await store.delete(["a", "never-written"])
+    assert await store.exists(["a", "b"]) == {"b"}
+    assert set(await store.list()) == {"b"}
+    await store.delete([])
+
+
+async def test_missing_key(store: Store) -> None:
+    with pytest.raises(MissingObjectError, match="no stored result for key 'nope'") as info:
+        await store.get("nope")
+    assert isinstance(info.value, FileNotFoundError)
+    assert store.url.split("://")[-1].lstrip("/") in str(info.value)
+
+
+async def test_overwrite(store: Store) -> None:
+    await store.put("k", "old")
+    await store.put("k", "new", token="t2")
+    assert await store.get("k") == "new"
+    assert (await store.head("k")).token == "t2"
+
+
+async def test_head(store: Store) -> None:
+    await store.put(("x", 1), np.ones(10), token="abc")
+    head = await store.head(("x", 1))
+    assert head.key == ("x", 1)
+    assert head.token == "abc"
+    assert head.type == "ndarray"
+    assert head.nbytes >= 80
+
+
+async def test_get_serialized_does_not_unpickle(store: Store) -> None:
+    value = {"a": np.arange(10)}
+    await store.put("k", value)
+    ser = await store.get_serialized("k")
+    assert isinstance(ser, Serialized)
+    assert all(c is None for c in ser.header.get("compression", ()))
+    out = deserialize(ser.header, ser.frames)
+    np.testing.assert_array_equal(out["a"], value["a"])
+
+
+async def test_compressible_data_round_trips(store: Store) -> None:
+    value = np.zeros(1_000_000)  # compresses, if a compressor is installed
+    await store.put("z", value)
+    np.testing.assert_array_equal(await store.get("z"), value)
+    ser = await store.get_serialized("z")
+    np.testing.assert_array_equal(deserialize(ser.header, ser.frames), value)
+
+
+async def test_corrupted_object(store: Store) -> None:
+    await store.put("k", np.arange(1000))
+
+    def flip(data: bytes) -> bytes:
+        b = bytearray(data)
+        b[-100] ^= 0xFF
+        return bytes(b)
+
+    await damage(store, "k", flip)
+    with pytest.raises(IntegrityError, match="corrupted object .*checksum"):
+        await store.get("k")
+    with pytest.raises(IntegrityError):
+        await store.get_serialized("k")
+
+
+async def test_truncated_object(store: Store) -> None:
+    await store.put("k", np.arange(1000))
+    await damage(store, "k", lambda d: d[: len(d) // 2])
+    with pytest.raises(IntegrityError, match="truncated object"):
+        await store.get("k")
+    await damage(store, "k", lambda d: d[:5])
+    with pytest.raises(IntegrityError, match="truncated object"):
+        await store.get("k")
+
+
+async def test_foreign_object(store: Store) -> None:
+    await store.put("k", 1)
+    await damage(store, "k", lambda d: b"not ours at all" * 10)
+    with pytest.raises(IntegrityError, match="not a storage_scheduler object"):
+        await store.get("k")
+
+
+async def test_misplaced_object(store: Store) -> None:
+    await store.put("a", 1)
+    store.fs.makedirs(store.path("b").rsplit("/", 1)[0], exist_ok=True)
+    store.fs.pipe_file(store.path("b"), store.fs.cat_file(store.path("a")))
+    with pytest.raises(IntegrityError, match="holds key 'a', not 'b'"):
+        await store.get("b")
+
+
+async def test_concurrent_writers_same_key(store: Store) -> None:
+    values = [np.full(50_000, i) for i in range(16)]
+    await asyncio.gather(*(store.put("k", v) for v in values))
+    out = await store.get("k")
+    assert any(np.array_equal(out, v) for v in values)
+
+
+async def test_readers_never_see_partial_objects(store: Store) -> None:
+    """Readers racing with writers get a whole value or nothing, never a torn one."""
+    values = [np.full(500_000, i, dtype="i8") for i in range(8)]
+    seen: list[int] = []
+
+    async def reader() -> None:
+        for _ in range(20):
+            try:
+                out = await store.get("k")
+            except MissingObjectError:
+                continue
+            assert out[0] == out[-1]  # one writer's whole array
+            seen.append(int(out[0]))
+
+    await asyncio.gather(*(store.put("k", v) for v in values), reader(), reader())
+    assert int((await store.get("k"))[0]) in range(8)
+
+
+async def test_check_and_listing_ignore_probe(store: Store) -> None:
+    await store.check()
+    assert await store.list() == {}
+
+
+async def test_list_skips_unfinished_writes(store: Store) -> None:
+    await store.put("k", 1)
+    store.fs.pipe_file(store.path("k") + ".tmp-deadbeef", b"partial")
+    assert set(await store.list()) == {"k"}
+
+
+async def test_unpicklable_value_raises_and_stores_nothing(store: Store) -> None:
+    import threading
+
+    with pytest.raises(Exception, match="lock"):
+        await store.put("k", threading.Lock())
+    assert await store.exists(["k"]) == set()
+
+
+async def test_local_layout_stays_inside_root(tmp_path: Any) -> None:
+    root = tmp_path / "root"
+    store = Store.from_url(str(root))
+    for i, key in enumerate(ODD_KEYS):
+        await store.put(key, i)
+    for dirpath, _, files in os.walk(tmp_path):
+        for f in files:
+            assert os.path.commonpath([root, os.path.join(dirpath, f)]) == str(root)
+    assert set(os.listdir(tmp_path)) == {"root"}
+    store.close()
