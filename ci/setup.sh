@@ -11,11 +11,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when the dependencies change.
 stamp=.venv/.storage-scheduler-installed
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml ci/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "ci: installing storage-scheduler[test,bench] into .venv"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+    # Tested versions: without them pip backtracks for a long time between the botocore
+    # ranges of aiobotocore (s3fs) and boto3 (moto).
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        -c ci/constraints.txt -e ".[test,bench]"
     echo "$want" > "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
