@@ -15,16 +15,24 @@ from storage_scheduler._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from storage_scheduler.config import StoreSettings
+from storage_scheduler.config import RoutingSettings, StoreSettings
+from storage_scheduler.preload import dask_setup, dask_teardown
+from storage_scheduler.scheduler_plugin import StorageSchedulerPlugin
 from storage_scheduler.store import Store
+from storage_scheduler.worker_plugin import StorageWorkerPlugin
 
 __all__ = [
     "IntegrityError",
     "MissingObjectError",
+    "RoutingSettings",
     "StorageConfigError",
     "StorageSchedulerError",
+    "StorageSchedulerPlugin",
+    "StorageWorkerPlugin",
     "Store",
     "StoreError",
     "StoreSettings",
     "StoreUnavailableError",
+    "dask_setup",
+    "dask_teardown",
 ]

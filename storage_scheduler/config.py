@@ -21,14 +21,26 @@ from dask.utils import parse_timedelta
 
 from storage_scheduler._exceptions import StorageConfigError
 
-__all__ = ["RetryPolicy", "StoreSettings", "default_store_url"]
+__all__ = ["RetryPolicy", "RoutingSettings", "StoreSettings", "default_store_url"]
 
 _HERE = pathlib.Path(__file__).parent
 
 
+with open(_HERE / "storage-scheduler.yaml") as _f:
+    _DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
+
+
 def _load_defaults() -> None:
-    with open(_HERE / "storage-scheduler.yaml") as f:
-        dask.config.update_defaults(yaml.safe_load(f))
+    dask.config.update_defaults(_DEFAULTS)
+
+
+def _settings() -> dict[str, Any]:
+    """``storage-scheduler.*`` over the package defaults.
+
+    Merged here rather than trusted to dask's defaults alone: code that resets dask
+    config to a snapshot (distributed's test harness, for one) drops them.
+    """
+    return dask.config.merge(_DEFAULTS["storage-scheduler"], dask.config.get("storage-scheduler", {}))  # type: ignore[no-any-return]
 
 
 def default_store_url() -> str:
@@ -80,7 +92,7 @@ class StoreSettings:
         cls, url: str | None = None, storage_options: Mapping[str, Any] | None = None
     ) -> StoreSettings:
         """Read ``storage-scheduler.*`` from dask config; arguments override it."""
-        cfg = dask.config.get("storage-scheduler")
+        cfg = _settings()
         url = url if url is not None else cfg.get("url")
         if url is None or url == "":
             url = default_store_url()
@@ -109,6 +121,47 @@ class StoreSettings:
         if settings.retry.attempts < 1:
             raise StorageConfigError("storage-scheduler.retry.attempts must be at least 1")
         return settings
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """How a cluster routes results through the store; decided by the scheduler.
+
+    Examples
+    --------
+    >>> RoutingSettings.from_config().results
+    'all'
+    """
+
+    #: ``"all"``: store every result except keys annotated ``storage=False``;
+    #: ``"annotated"``: store only keys annotated ``storage=True``.
+    results: str = "all"
+    #: ``"store"`` or ``"peer"``: the source a worker prefers for an input both hold.
+    prefer: str = "store"
+    #: Number of storage lanes (pseudo-workers holding stored keys).
+    lanes: int = 8
+
+    @classmethod
+    def from_config(cls, lanes: int | None = None) -> RoutingSettings:
+        cfg = _settings()
+        out = cls(
+            results=str(cfg.get("results", "all")),
+            prefer=str(cfg.get("prefer", "store")),
+            lanes=lanes if lanes is not None else cfg.get("lanes", 8),
+        )
+        if out.results not in ("all", "annotated"):
+            raise StorageConfigError(
+                f"storage-scheduler.results must be 'all' or 'annotated', got {out.results!r}"
+            )
+        if out.prefer not in ("store", "peer"):
+            raise StorageConfigError(
+                f"storage-scheduler.prefer must be 'store' or 'peer', got {out.prefer!r}"
+            )
+        if not isinstance(out.lanes, int) or isinstance(out.lanes, bool) or out.lanes < 1:
+            raise StorageConfigError(
+                f"storage-scheduler.lanes must be a positive integer, got {out.lanes!r}"
+            )
+        return out
 
 
 _load_defaults()

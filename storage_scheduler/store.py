@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
@@ -40,7 +41,7 @@ from storage_scheduler._exceptions import (
 )
 from storage_scheduler.config import StoreSettings
 
-__all__ = ["Store"]
+__all__ = ["Store", "StoreCounters"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ def _is_transient(e: BaseException) -> bool:
     if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
     return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
+
+
+@dataclass
+class StoreCounters:
+    """What one :class:`Store` instance has done since it was opened."""
+
+    objects_written: int = 0
+    bytes_written: int = 0
+    objects_read: int = 0
+    bytes_read: int = 0
 
 
 class Store:
@@ -92,6 +103,8 @@ class Store:
     _local: bool
     _executor: ThreadPoolExecutor
     _limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+    #: Objects and bytes written and read through this instance.
+    counters: StoreCounters
 
     def __init__(self, settings: StoreSettings):
         self.settings = settings
@@ -106,6 +119,7 @@ class Store:
             settings.max_concurrency, thread_name_prefix="storage-scheduler-io"
         )
         self._limits = weakref.WeakKeyDictionary()
+        self.counters = StoreCounters()
 
     @classmethod
     def from_url(cls, url: str | None = None, **storage_options: Any) -> Store:
@@ -241,7 +255,10 @@ class Store:
             lambda: serialize.encode(key, value, token=token, compression=compression)
         )
         await self._retrying("write", path, lambda: self._write(path, frames))
-        return sum(memoryview(f).nbytes for f in frames)
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        self.counters.objects_written += 1
+        self.counters.bytes_written += nbytes
+        return nbytes
 
     async def read(self, key: object) -> tuple[serialize.ObjectHeader, memoryview]:
         """The verified header and payload of ``key``'s object.
@@ -277,7 +294,10 @@ class Store:
             ) from e
         where = self._where(path)
         # Verify and decode in one trip to the thread pool: both are CPU work.
-        return await self._in_thread(lambda: then(*serialize.verify(data, key, where)))
+        out = await self._in_thread(lambda: then(*serialize.verify(data, key, where)))
+        self.counters.objects_read += 1
+        self.counters.bytes_read += len(data)
+        return out
 
     async def head(self, key: object) -> serialize.ObjectHeader:
         """The header of ``key``'s object, reading only its first bytes."""

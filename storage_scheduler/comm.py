@@ -1,0 +1,225 @@
+"""The ``storage://`` comm backend: storage lanes that answer ``get_data`` from the store.
+
+The scheduler names each store's lanes ``storage://<store-id>-lane<i>`` and records them as
+holders of stored keys (replicas in ``TaskState.who_has``). Anything in distributed that
+fetches data from a holder — ``Worker.gather_dep``, ``Scheduler.gather``,
+``Client.gather(direct=True)``, ``Worker.gather`` for ``replicate`` — opens a comm to that
+address and sends ``{"op": "get_data", "keys": ...}``. This backend answers in process, by
+reading the store; nothing listens on a socket.
+
+A process resolves lane addresses through :data:`registry`, in which the plugins of that
+process register their store. A process with no store for an address (a client that was
+never told about the store) gets a fatal connection error at once, and distributed falls
+back to asking the scheduler.
+
+Keys that cannot be read (object deleted behind our back, corrupted, store unreachable)
+are left out of the answer, as a worker that lost a key would, and reported to the
+listeners registered with the store, so that the scheduler drops the lane replica instead
+of sending readers back to it forever.
+
+Loaded through the ``distributed.comm.backends`` entry point of this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed.comm.core import Comm, CommClosedError, Connector, FatalCommClosedError
+from distributed.comm.registry import Backend
+from distributed.core import error_message
+
+from storage_scheduler._exceptions import MissingObjectError
+from storage_scheduler.store import Store
+
+__all__ = ["StorageBackend", "is_lane", "lane_addresses", "registry", "store_id_for"]
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "storage"
+
+#: Called with the keys a lane could not serve.
+UnreadableListener = Callable[[list[Any]], None]
+
+
+def store_id_for(url: str) -> str:
+    """A short, stable identifier of a store URL, used in lane addresses.
+
+    Examples
+    --------
+    >>> store_id_for("s3://bucket/prefix")
+    '3c3b7cd1'
+    """
+    return hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
+
+
+def lane_addresses(store_id: str, n: int) -> list[str]:
+    """The addresses of a store's ``n`` lanes."""
+    return [f"{SCHEME}://{store_id}-lane{i}" for i in range(n)]
+
+
+def is_lane(address: str) -> bool:
+    """Whether an address is a storage lane rather than a worker."""
+    return address.startswith(f"{SCHEME}://")
+
+
+def _store_id_of(address: str) -> str:
+    loc = address.split("://", 1)[-1]
+    return loc.rsplit("-lane", 1)[0]
+
+
+@dataclass
+class _Entry:
+    store: Store
+    listener: UnreadableListener | None
+
+
+@dataclass
+class StoreRegistry:
+    """The stores that ``storage://`` addresses resolve to in this process.
+
+    Each plugin (scheduler or worker) registers the store it opened, with a listener for
+    unreadable keys, and unregisters it when it closes. Several plugins of one process
+    (an in-process cluster) may register the same store id: reads use the first store
+    still registered, and every listener hears of unreadable keys.
+    """
+
+    _entries: dict[str, list[_Entry]] = field(default_factory=dict)
+
+    def register(self, store_id: str, store: Store, listener: UnreadableListener | None) -> None:
+        self._entries.setdefault(store_id, []).append(_Entry(store, listener))
+
+    def unregister(self, store_id: str, store: Store) -> None:
+        entries = [e for e in self._entries.get(store_id, []) if e.store is not store]
+        if entries:
+            self._entries[store_id] = entries
+        else:
+            self._entries.pop(store_id, None)
+
+    def store(self, store_id: str) -> Store | None:
+        entries = self._entries.get(store_id)
+        return entries[0].store if entries else None
+
+    def report_unreadable(self, store_id: str, keys: list[Any]) -> None:
+        for entry in list(self._entries.get(store_id, [])):
+            if entry.listener is not None:
+                try:
+                    entry.listener(keys)
+                except Exception:
+                    logger.exception("Reporting unreadable keys failed")
+
+
+#: The registry of this process.
+registry = StoreRegistry()
+
+
+class StorageComm(Comm):
+    """An in-process connection to a storage lane.
+
+    It speaks just enough of the worker protocol for ``get_data``: the handshake, then
+    any number of ``get_data`` requests, each answered by one ``read()``.
+    """
+
+    def __init__(self, address: str, store: Store, deserialize: bool = True):
+        super().__init__(deserialize=deserialize)
+        self._address = address
+        self._store_id = _store_id_of(address)
+        self._store = store
+        # connect() reads these two after the handshake.
+        self._peer_addr = address
+        self._local_addr = f"{SCHEME}://local"
+        self._closed = False
+        self._handshake_done = False
+        self._reply: asyncio.Future[Any] | None = None
+
+    async def write(self, msg: Any, serializers: Any = None, on_error: Any = None) -> int:
+        if self._closed:
+            raise CommClosedError(f"storage comm to {self._address} is closed")
+        loop = asyncio.get_running_loop()
+        if not self._handshake_done:  # connect() always sends its handshake first
+            self._handshake_done = True
+            self._reply = loop.create_future()
+            self._reply.set_result(self.handshake_info())
+        elif isinstance(msg, dict) and msg.get("op") == "get_data":
+            self._reply = asyncio.ensure_future(self._get_data(list(msg["keys"])))
+        elif isinstance(msg, dict) and msg.get("reply", True):
+            self._reply = loop.create_future()
+            self._reply.set_result(
+                error_message(ValueError(f"a storage lane cannot answer {msg.get('op')!r}"))
+            )
+        # Anything else ("OK" after get_data, fire-and-forget ops) needs no answer.
+        return 0
+
+    async def _get_data(self, keys: list[Any]) -> dict[str, Any]:
+        read = self._store.get if self.deserialize else self._store.get_serialized
+        results = await asyncio.gather(*map(read, keys), return_exceptions=True)
+        data: dict[Any, Any] = {}
+        unreadable: list[Any] = []
+        for key, result in zip(keys, results):
+            if isinstance(result, BaseException):
+                unreadable.append(key)
+                if isinstance(result, MissingObjectError):
+                    logger.warning("Stored result of %r is gone from the store", key)
+                else:
+                    logger.warning("Cannot read the stored result of %r: %s", key, result)
+            else:
+                data[key] = result
+        if unreadable:
+            registry.report_unreadable(self._store_id, unreadable)
+        return {"status": "OK", "data": data}
+
+    async def read(self, deserializers: Any = None) -> Any:
+        if self._closed or self._reply is None:
+            raise CommClosedError(f"storage comm to {self._address}: nothing to read")
+        reply, self._reply = self._reply, None
+        return await reply
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def abort(self) -> None:
+        self._closed = True
+
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def local_address(self) -> str:
+        return self._local_addr
+
+    @property
+    def peer_address(self) -> str:
+        return self._address
+
+
+class StorageConnector(Connector):
+    async def connect(self, address: str, deserialize: bool = True, **kwargs: Any) -> Comm:
+        full = f"{SCHEME}://{address}"
+        store = registry.store(_store_id_of(full))
+        if store is None:
+            # Fatal: distributed would otherwise retry for the whole connect timeout.
+            raise FatalCommClosedError(f"no store is open in this process for {full}")
+        return StorageComm(full, store, deserialize=deserialize)
+
+
+class StorageBackend(Backend):
+    """The ``storage://`` scheme: connect only; lanes never listen."""
+
+    def get_connector(self) -> Connector:
+        return StorageConnector()
+
+    def get_listener(self, loc: str, handle_comm: Any, deserialize: bool, **kwargs: Any) -> Any:
+        raise NotImplementedError("storage:// addresses cannot listen")
+
+    def get_address_host(self, loc: str) -> str:
+        return SCHEME
+
+    def resolve_address(self, loc: str) -> str:
+        return loc
+
+    def get_local_address_for(self, loc: str) -> str:
+        return "local"

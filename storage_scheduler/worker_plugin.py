@@ -1,0 +1,253 @@
+"""The worker side: write every result to the store, read inputs from it.
+
+The scheduler plugin pushes :class:`StorageWorkerPlugin` to every worker, present and
+future. On each worker it
+
+* wraps ``worker.execute`` so that a successful result is serialized and written to the
+  store (off the event loop) before the task is reported finished; the report carries
+  ``metadata["storage-scheduler"]``, from which the scheduler adds the lane replica in the
+  same transition that puts the key in memory — a result is never "finished but not yet
+  stored";
+* makes the worker fetch inputs from a storage lane whenever one holds them (or from a
+  peer first, with ``prefer: peer``) by swapping in a ``WorkerState`` subclass;
+* registers the store for the ``storage://`` comm and reports keys it could not read to
+  the scheduler.
+
+A failure to serialize or store a result never fails the task: the result stays in
+worker memory as in stock Dask, a warning is logged once, and the failure is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.worker_state_machine import ExecuteSuccessEvent, StateMachineEvent
+from distributed.worker_state_machine import WorkerState as _WorkerState
+
+from storage_scheduler.comm import is_lane, registry
+from storage_scheduler.config import RoutingSettings, StoreSettings
+from storage_scheduler.store import Store
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+__all__ = ["PLUGIN_NAME", "StorageWorkerPlugin", "WorkerStats"]
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "storage-scheduler"
+#: Key of the task-finished metadata that tells the scheduler a result was stored.
+METADATA_KEY = "storage-scheduler"
+#: After the store fails a write, results skip it for this long (seconds): a store that
+#: is down must not hold every task's thread slot through a round of retries.
+DEGRADED_BACKOFF = 10.0
+
+# Per-worker store settings given to the worker's own preload; they win over the
+# scheduler's (a worker that mounts the store elsewhere, or has its own credentials).
+_overrides: weakref.WeakKeyDictionary[Worker, StoreSettings] = weakref.WeakKeyDictionary()
+
+
+def set_store_override(worker: Worker, settings: StoreSettings) -> None:
+    """Make ``worker`` open its store with ``settings`` instead of the scheduler's."""
+    _overrides[worker] = settings
+
+
+class StoreFirstWorkerState(_WorkerState):
+    """Fetch an input from a storage lane whenever one holds it."""
+
+    __slots__ = ()  # layout-compatible: installed by swapping ``__class__``
+
+    def _update_who_has(self, who_has: Mapping[Any, Collection[str]]) -> None:
+        super()._update_who_has(
+            {k: [w for w in ws if is_lane(w)] or ws for k, ws in who_has.items()}
+        )
+
+
+class PeerFirstWorkerState(_WorkerState):
+    """Fetch an input from a worker that holds it; from the store only if none does."""
+
+    __slots__ = ()
+
+    def _update_who_has(self, who_has: Mapping[Any, Collection[str]]) -> None:
+        super()._update_who_has(
+            {k: [w for w in ws if not is_lane(w)] or ws for k, ws in who_has.items()}
+        )
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker's use of the store."""
+
+    #: Results written to the store.
+    stored: int = 0
+    #: Results left in worker memory only (not selected, or the write failed).
+    not_stored: int = 0
+    #: Writes that failed (serialization or store errors).
+    write_failures: int = 0
+
+
+class StorageWorkerPlugin(WorkerPlugin):
+    """Worker half of storage_scheduler; registered by the scheduler plugin.
+
+    Parameters
+    ----------
+    settings
+        How to open the store (the scheduler's, unless the worker's preload overrides it).
+    store_id
+        The id in the scheduler's lane addresses for this store.
+    routing
+        Which results to store and where to read inputs from.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = False
+
+    settings: StoreSettings
+    store_id: str
+    routing: RoutingSettings
+    stats: WorkerStats
+    store: Store | None
+    _worker: Worker | None
+    _original_execute: Callable[..., Awaitable[StateMachineEvent]] | None
+    _original_state_class: type | None
+    _skip_until: float
+    _warned: set[str]
+
+    def __init__(self, settings: StoreSettings, store_id: str, routing: RoutingSettings):
+        self.settings = settings
+        self.store_id = store_id
+        self.routing = routing
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.stats = WorkerStats()
+        self.store = None
+        self._worker = None
+        self._original_execute = None
+        self._original_state_class = None
+        self._skip_until = 0.0
+        self._warned = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": self.settings, "store_id": self.store_id, "routing": self.routing}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_state()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def setup(self, worker: Worker) -> None:
+        settings = _overrides.get(worker, self.settings)
+        self.store = Store(settings)
+        self._worker = worker
+        registry.register(self.store_id, self.store, self._report_unreadable)
+
+        self._original_execute = worker.execute
+        worker.execute = self._execute  # type: ignore[method-assign]
+        state_class = StoreFirstWorkerState if self.routing.prefer == "store" else PeerFirstWorkerState
+        self._original_state_class = type(worker.state)
+        worker.state.__class__ = state_class
+        logger.info("Worker %s stores results in %s", worker.address, settings.url)
+
+    async def teardown(self, worker: Worker) -> None:
+        if self._original_execute is not None:
+            worker.execute = self._original_execute  # type: ignore[method-assign]
+        if self._original_state_class is not None:
+            worker.state.__class__ = self._original_state_class
+        if self.store is not None:
+            registry.unregister(self.store_id, self.store)
+            self.store.close()
+
+    # ----------------------------------------------------------------- write path
+
+    def _wants_stored(self, key: Any) -> bool:
+        assert self._worker is not None
+        state = self._worker.state
+        ts = state.tasks.get(key)
+        if ts is None or key in state.actors:  # actors live on their worker, as in stock Dask
+            return False
+        choice = (ts.annotations or {}).get("storage")
+        if self.routing.results == "annotated":
+            return choice is True
+        return choice is not False
+
+    async def _execute(self, key: Any, *, stimulus_id: str) -> StateMachineEvent:
+        assert self._original_execute is not None
+        event = await self._original_execute(key, stimulus_id=stimulus_id)
+        if isinstance(event, ExecuteSuccessEvent):
+            # Nothing may escape from here: an exception would leave the task executing
+            # forever in the worker state machine.
+            try:
+                await self._store_result(key, event.value)
+            except Exception as e:  # pragma: no cover - _store_result catches its own
+                logger.exception("Storing the result of %r failed unexpectedly: %s", key, e)
+        return event
+
+    async def _store_result(self, key: Any, value: object) -> None:
+        assert self._worker is not None
+        if not self._wants_stored(key):
+            return
+        if time.monotonic() < self._skip_until:
+            self.stats.not_stored += 1
+            return
+        try:
+            nbytes = await self._put(key, value)
+        except Exception as e:
+            self._write_failed(key, e)
+            return
+        ts = self._worker.state.tasks.get(key)
+        if ts is not None:
+            # Travels with the task-finished message to SchedulerPlugin.transition.
+            ts.metadata[METADATA_KEY] = {"nbytes": nbytes}
+        self.stats.stored += 1
+        if self._skip_until:
+            self._skip_until = 0.0
+            logger.warning("The store %s is writable again", self.store and self.store.url)
+
+    async def _put(self, key: Any, value: object) -> int:
+        assert self.store is not None
+        return await self.store.put(key, value)
+
+    def _write_failed(self, key: Any, error: Exception) -> None:
+        self.stats.write_failures += 1
+        self.stats.not_stored += 1
+        if isinstance(error, OSError):
+            # The store itself failed: skip it for a while; warn once per outage.
+            if not self._skip_until:
+                logger.warning(
+                    "Cannot write to the store (%s); results stay in worker memory and move "
+                    "between workers as in stock Dask until it recovers",
+                    error,
+                )
+            self._skip_until = time.monotonic() + DEGRADED_BACKOFF
+        else:
+            kind = type(error).__name__
+            if kind not in self._warned:
+                self._warned.add(kind)
+                logger.warning(
+                    "Result of %r could not be stored (%s: %s); it stays in worker memory. "
+                    "Further %s errors are not logged.",
+                    key,
+                    kind,
+                    error,
+                    kind,
+                )
+
+    # ------------------------------------------------------------------ read path
+
+    def _report_unreadable(self, keys: list[Any]) -> None:
+        if self._worker is not None:
+            self._worker.batched_send(
+                {
+                    "op": "storage-unreadable",
+                    "keys": keys,
+                    "stimulus_id": f"storage-unreadable-{time.time()}",
+                }
+            )

@@ -1,0 +1,249 @@
+"""Plugin logic on in-process clusters (gen_cluster, with distributed's validation on)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Scheduler, Worker, wait
+from distributed.utils_test import captured_logger, gen_cluster, inc
+
+from storage_scheduler import Store, StoreUnavailableError
+from storage_scheduler.comm import is_lane
+from storage_scheduler.scheduler_plugin import LaneAwareReduceReplicas
+from tests.utils import enable_storage, lane_keys
+
+CALLS: list[Any] = []
+
+
+def counted_inc(x: int) -> int:
+    CALLS.append(x)
+    return x + 1
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@gen_cluster(client=True)
+async def test_results_stored_with_lane_replica(c, s, a, b, tmp_path: Path) -> None:
+    plugin = await enable_storage(s, str(tmp_path / "store"))
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    y = c.submit(inc, x, key="y", workers=[a.address])
+    assert await y == 3
+    who_has = await c.who_has()
+    assert lane_keys(who_has) == {"x", "y"}
+    store = Store.from_url(str(tmp_path / "store"))
+    assert await store.exists(["x", "y"]) == {"x", "y"}
+    assert await store.get("y") == 3
+    store.close()
+    assert plugin.storage_info()["keys_in_lanes"] == 2
+    assert s.plugins["storage-scheduler"] is plugin
+
+
+@gen_cluster(client=True)
+async def test_lanes_are_not_workers(c, s, a, b, tmp_path: Path) -> None:
+    plugin = await enable_storage(s, str(tmp_path / "store"), lanes=3)
+    await c.submit(inc, 1, key="x")
+    assert len(plugin.lanes) == 3
+    assert set(s.workers) == {a.address, b.address}
+    info = await c.scheduler.identity()
+    assert set(info["workers"]) == {a.address, b.address}
+    assert set(await c.run(lambda: 1)) == {a.address, b.address}
+    assert not any(is_lane(ws.address) for ws in s.running)
+    assert not any(is_lane(addr) for addr in s.idle)
+    assert not any(is_lane(addr) for addr in s.stream_comms)
+
+
+@gen_cluster(client=True)
+async def test_dependents_read_from_store(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    xs = [c.submit(np.full, 1000, i, key=f"x-{i}", workers=[a.address]) for i in range(4)]
+    total = c.submit(lambda *arrays: sum(int(x.sum()) for x in arrays), *xs, key="total", workers=[b.address])
+    assert await total == 1000 * sum(range(4))
+    sources = {e["who"] for e in b.transfer_incoming_log}
+    assert sources and all(is_lane(w) for w in sources), sources
+    assert not a.transfer_outgoing_log  # not one byte left a's memory for b
+
+
+@gen_cluster(client=True, config={"storage-scheduler.prefer": "peer"})
+async def test_prefer_peer(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    x = c.submit(np.ones, 1000, key="x", workers=[a.address])
+    y = c.submit(np.sum, x, key="y", workers=[b.address])
+    assert await y == 1000
+    assert {e["who"] for e in b.transfer_incoming_log} == {a.address}
+
+
+@gen_cluster(client=True)
+async def test_closed_worker_loses_nothing(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    CALLS.clear()
+    xs = c.map(counted_inc, range(10), key=[f"x-{i}" for i in range(10)], workers=[a.address])
+    await wait(xs)
+    await a.close()
+    total = c.submit(sum, xs, key="total", workers=[b.address])
+    assert await total == sum(range(1, 11))
+    assert sorted(CALLS) == list(range(10))  # nothing ran twice
+    assert all(s.tasks[f"x-{i}"].state == "memory" for i in range(10))
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3)
+async def test_retire_worker_moves_no_data(c, s, a, b, w3, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    xs = c.map(np.ones, [100_000] * 5, key=[f"x-{i}" for i in range(5)], workers=[a.address])
+    await wait(xs)
+    await c.retire_workers([a.address])
+    assert a.address not in s.workers
+    assert not b.transfer_incoming_log and not w3.transfer_incoming_log
+    for i in range(5):
+        assert [ws.address for ws in s.tasks[f"x-{i}"].who_has] == [
+            ws.address for ws in s.tasks[f"x-{i}"].who_has if is_lane(ws.address)
+        ]
+    assert [int(x.sum()) for x in await c.gather(xs)] == [100_000] * 5
+
+
+@gen_cluster(client=True)
+async def test_gather_paths(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    x = c.submit(np.arange, 10, key="x", workers=[a.address])
+    await wait(x)
+    await a.close()  # only the lane holds x now
+    np.testing.assert_array_equal(await c.gather(x, direct=False), np.arange(10))
+    np.testing.assert_array_equal(await c.gather(x, direct=True), np.arange(10))
+    await c.replicate(x)  # Worker.gather from a lane
+    assert b.address in {ws.address for ws in s.tasks["x"].who_has}
+
+
+@gen_cluster(client=True)
+async def test_deleted_object_is_recomputed(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    CALLS.clear()
+    x = c.submit(counted_inc, 1, key="x", workers=[a.address], allow_other_workers=True)
+    await wait(x)
+    await a.close()  # the lane is the only holder
+    store = Store.from_url(str(tmp_path / "store"))
+    await store.delete(["x"])
+    with captured_logger("storage_scheduler", level=logging.WARNING) as log:
+        y = c.submit(inc, x, key="y", workers=[b.address])
+        assert await asyncio.wait_for(y, 30) == 3
+    assert CALLS == [1, 1]  # recomputed once, not looped
+    assert "gone from the store" in log.getvalue()
+    assert await store.get("x") == 2  # and stored again
+    store.close()
+
+
+@gen_cluster(client=True)
+async def test_corrupt_object_is_recomputed(c, s, a, b, tmp_path: Path) -> None:
+    plugin = await enable_storage(s, str(tmp_path / "store"))
+    x = c.submit(np.arange, 1000, key="x", workers=[a.address], allow_other_workers=True)
+    await wait(x)
+    await a.close()
+    store = Store.from_url(str(tmp_path / "store"))
+    path = store.path("x")
+    data = bytearray(Path(path).read_bytes())
+    data[-8] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+    y = c.submit(np.sum, x, key="y", workers=[b.address])
+    assert await asyncio.wait_for(y, 30) == sum(range(1000))
+    assert plugin.unreadable_total == 1
+    np.testing.assert_array_equal(await store.get("x"), np.arange(1000))
+    store.close()
+
+
+@gen_cluster(client=True)
+async def test_annotations_select_results(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    with dask.annotate(storage=False):
+        skipped = dask.delayed(inc)(1, dask_key_name="skipped")
+    kept = dask.delayed(inc)(skipped, dask_key_name="kept")
+    assert await c.compute(kept) == 3
+    store = Store.from_url(str(tmp_path / "store"))
+    assert await store.exists(["skipped", "kept"]) == {"kept"}
+    store.close()
+
+
+@gen_cluster(client=True, config={"storage-scheduler.results": "annotated"})
+async def test_only_annotated_results(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    plain = dask.delayed(inc)(1, dask_key_name="plain")
+    with dask.annotate(storage=True):
+        chosen = dask.delayed(inc)(plain, dask_key_name="chosen")
+    assert await c.compute(chosen) == 3
+    store = Store.from_url(str(tmp_path / "store"))
+    assert await store.exists(["plain", "chosen"]) == {"chosen"}
+    assert lane_keys(await c.who_has()) == set()  # chosen was released after compute
+    store.close()
+
+
+class Unpicklable:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+@gen_cluster(client=True)
+async def test_odd_values(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    values = {
+        "empty-frame": pd.DataFrame({"a": pd.Series([], dtype="f8")}),
+        "empty-array": np.empty(0),
+        "zero-d": np.array(5),
+        "none": None,
+        "empty-bytes": b"",
+    }
+    futures = {k: c.submit(lambda v: v, v, key=k, workers=[a.address]) for k, v in values.items()}
+    with captured_logger("storage_scheduler", level=logging.WARNING) as log:
+        futures["unpicklable"] = c.submit(Unpicklable, key="unpicklable", workers=[a.address])
+        futures["unpicklable-2"] = c.submit(Unpicklable, key="unpicklable-2", workers=[a.address])
+        await wait(list(futures.values()))
+    assert log.getvalue().count("could not be stored") == 1  # once, not per task
+    results = await c.gather({k: f for k, f in futures.items() if not k.startswith("unpicklable")})
+    pd.testing.assert_frame_equal(results["empty-frame"], values["empty-frame"])
+    assert results["zero-d"] == 5 and results["none"] is None and results["empty-bytes"] == b""
+    lanes = lane_keys(await c.who_has())
+    assert lanes == set(values)
+    assert s.tasks["unpicklable"].state == "memory"
+    assert a.plugins["storage-scheduler"].stats.write_failures == 2
+
+
+@gen_cluster(client=True)
+async def test_amm_policy_replaced(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    amm = s.extensions["amm"]
+    assert any(isinstance(p, LaneAwareReduceReplicas) for p in amm.policies)
+    x = c.submit(np.ones, 10, key="x", workers=[a.address])
+    await wait(x)
+    await c.replicate(x, n=2)
+    assert len(s.tasks["x"].who_has) == 3
+    amm.run_once()  # stock ReduceReplicas would raise KeyError on the lane
+    while len(s.tasks["x"].who_has) > 2:
+        await asyncio.sleep(0.01)
+    assert sum(is_lane(ws.address) for ws in s.tasks["x"].who_has) == 1
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_new_worker_gets_worker_plugin(c, s, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    async with Worker(s.address, nthreads=1) as w:
+        assert "storage-scheduler" in w.plugins
+        assert await c.submit(inc, 1, key="x") == 2
+        assert lane_keys(await c.who_has()) == {"x"}
+
+
+@pytest.mark.asyncio
+async def test_scheduler_does_not_start_on_unusable_store(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with dask.config.set({"storage-scheduler.url": f"file://{blocker}/store"}):
+        with pytest.raises(RuntimeError, match="Scheduler failed to start") as info:
+            async with Scheduler(dashboard_address=":0", preload=["storage_scheduler"]):
+                pass
+    assert isinstance(info.value.__cause__, StoreUnavailableError)
+    assert str(blocker) in str(info.value.__cause__)

@@ -1,0 +1,35 @@
+"""Helpers shared by the cluster tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from storage_scheduler import StorageSchedulerPlugin
+
+
+async def enable_storage(scheduler: Any, url: str, **kwargs: Any) -> StorageSchedulerPlugin:
+    """Install storage_scheduler on a running (gen_cluster) scheduler and its workers."""
+    plugin = StorageSchedulerPlugin(url, **kwargs)
+    await scheduler.register_scheduler_plugin(plugin, name=plugin.name, idempotent=False)
+    return plugin
+
+
+def record_run(directory: str, key: str) -> None:
+    """Leave a file behind for every execution of a task, whatever process runs it."""
+    Path(directory, f"{key}.{os.getpid()}.{os.urandom(4).hex()}").touch()
+
+
+def runs(directory: str | Path) -> dict[str, int]:
+    """How many times each recorded task ran."""
+    out: dict[str, int] = {}
+    for name in os.listdir(directory):
+        key = name.split(".", 1)[0]
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def lane_keys(who_has: dict[Any, Any]) -> set[Any]:
+    """Keys that a storage lane holds, from ``client.who_has()``."""
+    return {k for k, holders in who_has.items() if any(h.startswith("storage://") for h in holders)}
