@@ -52,7 +52,7 @@ def store_id_for(url: str) -> str:
     Examples
     --------
     >>> store_id_for("s3://bucket/prefix")
-    '3c3b7cd1'
+    'b8f008cf'
     """
     return hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
 
