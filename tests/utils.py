@@ -33,3 +33,20 @@ def runs(directory: str | Path) -> dict[str, int]:
 def lane_keys(who_has: dict[Any, Any]) -> set[Any]:
     """Keys that a storage lane holds, from ``client.who_has()``."""
     return {k for k, holders in who_has.items() if any(h.startswith("storage://") for h in holders)}
+
+
+def produce(i: int, directory: str, size: int = 100_000) -> Any:
+    """A producer task that records its runs."""
+    import numpy as np
+
+    record_run(directory, f"produce-{i}")
+    return np.full(size, i, dtype="f8")
+
+
+def consume(x: Any, directory: str, i: int, delay: float = 0.0) -> float:
+    """A consumer task that records its runs."""
+    import time
+
+    record_run(directory, f"consume-{i}")
+    time.sleep(delay)
+    return float(x.sum())

@@ -1,0 +1,108 @@
+"""Real processes: LocalCluster(processes=True) with the preload, on a local directory and S3."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, wait
+from distributed.utils_test import gen_test
+
+from storage_scheduler import Store
+from tests.conftest import make_bucket, s3_options
+from tests.s3server import MotoServer
+from tests.utils import consume, lane_keys, produce, runs
+
+pytestmark = [pytest.mark.slow]
+
+
+def preload_kwargs(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    argv = ["--storage-url", url]
+    for k, v in options.items():
+        argv += ["--storage-option", f"{k}={v}"]
+    return {"preload": ["storage_scheduler"], "preload_argv": argv}
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    if request.param == "local":
+        return f"file://{tmp_path}/store", {}
+    return request.getfixturevalue("s3_store_url")  # type: ignore[no-any-return]
+
+
+@gen_test(timeout=180)
+async def test_sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    url, options = backend
+    marks = tmp_path / "runs"
+    marks.mkdir()
+    async with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        asynchronous=True,
+        dashboard_address=":0",
+        scheduler_kwargs=preload_kwargs(url, options),
+    ) as cluster, Client(cluster, asynchronous=True) as c:
+        a, b = sorted(cluster.scheduler.workers)
+        producers = [
+            c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a], allow_other_workers=True)
+            for i in range(8)
+        ]
+        consumers = [
+            c.submit(consume, p, str(marks), i, 0.3, key=f"consume-{i}", workers=[b])
+            for i, p in enumerate(producers)
+        ]
+        await wait(producers)
+        # Every producer is done and stored; the consumers are still running on b.
+        assert lane_keys(await c.who_has(producers)) == {p.key for p in producers}
+        pid = (await c.run(os.getpid, workers=[a]))[a]
+        os.kill(pid, signal.SIGKILL)
+        results = await asyncio.wait_for(c.gather(consumers), 120)
+        assert results == [100_000.0 * i for i in range(8)]
+        counts = runs(marks)
+        assert all(counts[f"produce-{i}"] == 1 for i in range(8)), counts
+
+        store = Store.from_url(url, **options)
+        assert await store.exists([p.key for p in producers]) == {p.key for p in producers}
+        np.testing.assert_array_equal(await store.get("produce-3"), np.full(100_000, 3.0))
+        store.close()
+
+
+@gen_test(timeout=240)
+async def test_store_stopped_mid_run(tmp_path: Path) -> None:
+    """Kill the S3 server mid-run: tasks go on peer-to-peer and the result is correct."""
+    marks = tmp_path / "runs"
+    marks.mkdir()
+    with MotoServer() as server:
+        url = f"s3://{make_bucket(server.endpoint)}/results"
+        async with LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            asynchronous=True,
+            dashboard_address=":0",
+            scheduler_kwargs=preload_kwargs(url, s3_options(server.endpoint)),
+        ) as cluster, Client(cluster, asynchronous=True) as c:
+            a, b = sorted(cluster.scheduler.workers)
+            first = [c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(4)]
+            await wait(first)
+            assert lane_keys(await c.who_has(first)) == {f.key for f in first}
+            server.stop()
+            later = [
+                c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(4, 8)
+            ]
+            consumers = [
+                c.submit(consume, p, str(marks), i, key=f"consume-{i}", workers=[b])
+                for i, p in enumerate(first + later)
+            ]
+            results = await asyncio.wait_for(c.gather(consumers), 180)
+            assert results == [100_000.0 * i for i in range(8)]
+            counts = runs(marks)
+            assert all(counts[f"produce-{i}"] == 1 for i in range(8)), counts
+            # The results produced after the store died stayed in worker memory only.
+            assert lane_keys(await c.who_has(later)) == set()
