@@ -247,3 +247,33 @@ async def test_scheduler_does_not_start_on_unusable_store(tmp_path: Path) -> Non
                 pass
     assert isinstance(info.value.__cause__, StoreUnavailableError)
     assert str(blocker) in str(info.value.__cause__)
+
+
+@gen_cluster(client=True)
+async def test_worker_store_override(c, s, a, b, tmp_path: Path) -> None:
+    """A worker given its own URL (another path to the same directory) uses it."""
+    from storage_scheduler import StoreSettings
+    from storage_scheduler.worker_plugin import set_store_override
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "store")
+    set_store_override(a, StoreSettings.from_config(str(tmp_path / "alias")))
+    await enable_storage(s, str(tmp_path / "store"))
+    assert a.plugins["storage-scheduler"].store.url == str(tmp_path / "alias")
+    assert b.plugins["storage-scheduler"].store.url == str(tmp_path / "store")
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    y = c.submit(inc, x, key="y", workers=[b.address])
+    assert await y == 3
+    assert {e["who"] for e in b.transfer_incoming_log} == {s.plugins["storage-scheduler"].lane_for("x").address}
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("results", "some"), ("prefer", "nearest"), ("lanes", 0), ("lanes", "many")],
+)
+def test_bad_routing_settings(key: str, value: object) -> None:
+    from storage_scheduler import RoutingSettings, StorageConfigError
+
+    with dask.config.set({f"storage-scheduler.{key}": value}):
+        with pytest.raises(StorageConfigError, match=f"storage-scheduler.{key}"):
+            RoutingSettings.from_config()
