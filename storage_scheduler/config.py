@@ -140,6 +140,13 @@ class RoutingSettings:
     prefer: str = "store"
     #: Number of storage lanes (pseudo-workers holding stored keys).
     lanes: int = 8
+    #: Version salt of every task token: change it to invalidate all stored results.
+    version: str | None = None
+    #: ``"intermediates"``: delete results no client asked for once they are forgotten;
+    #: ``"never"``: keep everything until ``dask storage gc``.
+    gc: str = "intermediates"
+    #: How often (seconds) the scheduler writes catalog changes to the store.
+    flush_interval: float = 0.5
 
     @classmethod
     def from_config(cls, lanes: int | None = None) -> RoutingSettings:
@@ -148,7 +155,14 @@ class RoutingSettings:
             results=str(cfg.get("results", "all")),
             prefer=str(cfg.get("prefer", "store")),
             lanes=lanes if lanes is not None else cfg.get("lanes", 8),
+            version=None if cfg.get("version") is None else str(cfg["version"]),
+            gc=str(cfg.get("gc", "intermediates")),
+            flush_interval=float(parse_timedelta(cfg.get("flush-interval", "500ms"))),
         )
+        if out.gc not in ("intermediates", "never"):
+            raise StorageConfigError(
+                f"storage-scheduler.gc must be 'intermediates' or 'never', got {out.gc!r}"
+            )
         if out.results not in ("all", "annotated"):
             raise StorageConfigError(
                 f"storage-scheduler.results must be 'all' or 'annotated', got {out.results!r}"

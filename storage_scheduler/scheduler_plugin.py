@@ -16,21 +16,41 @@ From there on, stock code paths do the rest:
 Several lanes, because a worker keeps at most one transfer in flight per holder: the
 lane count is the number of concurrent store reads per worker.
 
+Reuse: the plugin keeps a :class:`~storage_scheduler.catalog.Catalog` of the stored keys
+(loaded from the store's manifest at start). When a graph arrives, the walk down from the
+requested keys stops at keys whose stored result was produced by the same task (equal
+tokens): their upstream subgraph never runs. A stored key nobody asked for is put in
+memory at once, held by its lane; a requested one gets a small task that loads it from
+the store (the scheduler cannot put a requested key in memory from the ``update_graph``
+hook: the stock code has already recommended it for computation).
+
+Lifecycle: results no client asked for (intermediates) are deleted from the store when the
+scheduler forgets them (``gc: intermediates``); results of ``compute``, ``persist`` and
+``submit``, and keys annotated ``storage_keep=True``, stay until ``dask storage gc``. A
+cluster sharing the store with others publishes the keys it holds in a lease
+(``leases/<id>``) and never deletes a key in another live cluster's lease.
+
 Notes
 -----
-Everything here runs on the scheduler's event loop and does no store I/O, except
-``start`` (the startup probe) which is awaited before the scheduler accepts work.
+Hooks run on the scheduler's event loop and do no store I/O; catalog writes, leases and
+deletions run in one background task.
 Uses private scheduler API (the ``WorkerState`` constructor, ``add_replica``,
 ``remove_replica``); ``distributed`` is pinned to a tested range for that reason.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import shlex
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import msgpack
+from dask._task_spec import Task
 
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy,
@@ -44,10 +64,18 @@ from distributed.protocol.pickle import dumps
 from distributed.scheduler import TaskState, WorkerState
 
 from storage_scheduler._exceptions import StorageConfigError
+from storage_scheduler.catalog import Catalog
 from storage_scheduler.comm import is_lane, lane_addresses, registry, store_id_for
 from storage_scheduler.config import RoutingSettings, StoreSettings
+from storage_scheduler.serialize import key_to_msgpack, msgpack_ext_hook
 from storage_scheduler.store import Store
-from storage_scheduler.worker_plugin import METADATA_KEY, PLUGIN_NAME, StorageWorkerPlugin
+from storage_scheduler.tokens import task_token
+from storage_scheduler.worker_plugin import (
+    METADATA_KEY,
+    PLUGIN_NAME,
+    StorageWorkerPlugin,
+    load_stored,
+)
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -55,6 +83,10 @@ if TYPE_CHECKING:
 __all__ = ["LaneAwareReduceReplicas", "StorageSchedulerPlugin", "parse_storage_options"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a cluster's lease protects the keys it holds from other clusters' deletions;
+#: renewed at half-life while the scheduler runs.
+LEASE_TTL = 60.0
 
 
 def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
@@ -130,6 +162,22 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     stored_total: int
     #: Keys dropped from a lane because their object could not be read.
     unreadable_total: int
+    #: Index of the stored keys (all clusters' that share the store, as of start).
+    catalog: Catalog
+    #: Keys reused from the store instead of being computed, since start.
+    reused_total: int
+    #: Stored objects deleted by the lifecycle policy, since start.
+    deleted_total: int
+    #: Requested keys running as loaders: their own spec and dependencies, kept so that
+    #: they can be computed after all if loading fails.
+    _loaders: dict[Any, tuple[Any, list[TaskState]]]
+    #: Keys a client asked for (kept in the store when forgotten).
+    _wanted: set[Any]
+    #: Keys whose objects are to be deleted.
+    _doomed: set[Any]
+    _background: asyncio.Task[None] | None
+    _lease_written: frozenset[Any]
+    _lease_expires: float
 
     def __init__(
         self,
@@ -144,6 +192,14 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self._lane_list = []
         self.stored_total = 0
         self.unreadable_total = 0
+        self.reused_total = 0
+        self.deleted_total = 0
+        self._loaders = {}
+        self._wanted = set()
+        self._doomed = set()
+        self._background = None
+        self._lease_written = frozenset()
+        self._lease_expires = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -161,6 +217,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             store.close()
             raise
         self.store = store
+        self.catalog = Catalog(store, uuid.uuid4().hex[:12])
+        await self.catalog.load()
         self.store_id = store_id_for(self.settings.url)
         self._lane_list = [self._make_lane(addr) for addr in lane_addresses(self.store_id, self.routing.lanes)]
         self.lanes = {ws.address: ws for ws in self._lane_list}
@@ -168,6 +226,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
         scheduler.handlers["storage_info"] = self.storage_info
         self._install_amm_policy()
+        self._background = asyncio.create_task(self._maintain())
         await scheduler.register_worker_plugin(
             None,
             dumps(StorageWorkerPlugin(self.settings, self.store_id, self.routing)),
@@ -185,6 +244,15 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     async def close(self) -> None:
         if not hasattr(self, "store"):
             return  # never started
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+        try:
+            await self._maintain_once()
+            await self.store.delete_files([self._lease_name])
+        except Exception as e:
+            logger.warning("Could not save the catalog to %s at close: %s", self.settings.url, e)
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
         self.scheduler.handlers.pop("storage_info", None)
@@ -214,10 +282,13 @@ class StorageSchedulerPlugin(SchedulerPlugin):
                 amm.add_policy(LaneAwareReduceReplicas())
 
     def restart(self, scheduler: Scheduler) -> None:
-        # Scheduler.restart forgets all tasks but only clears the real workers.
+        # Scheduler.restart forgets all tasks (without transitions) but only clears the
+        # real workers. Stored results stay in the store and the catalog.
         for ws in self._lane_list:
             ws._has_what.clear()
             ws.nbytes = 0
+        self._loaders.clear()
+        self._wanted.clear()
 
     # ---------------------------------------------------------------- replicas
 
@@ -228,14 +299,166 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
     ) -> None:
-        if start != "processing" or finish != "memory":
-            return
-        if METADATA_KEY not in (kwargs.get("metadata") or {}):
+        if start == "processing":
+            if finish == "memory":
+                self._finished(key, kwargs.get("metadata") or {}, stimulus_id)
+            elif key in self._loaders:
+                self._restore_loader(key)
+        elif finish == "forgotten":
+            self._forgotten(key)
+
+    def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:
+        stored = metadata.get(METADATA_KEY)
+        if key in self._loaders:
+            _, deps = self._loaders.pop(key)
+            # The original dependencies were kept in case loading failed; now they can go.
+            asyncio.get_running_loop().call_soon(self._forget_orphans, deps, stimulus_id)
+        if stored is None:
             return
         ts = self.scheduler.tasks.get(key)
-        if ts is not None and ts.state == "memory":
-            self.scheduler.add_replica(ts, self.lane_for(key))
+        if ts is None or ts.state != "memory":
+            return
+        self.scheduler.add_replica(ts, self.lane_for(key))
+        if "token" in stored:
+            self.catalog.add(key, stored["token"], stored["nbytes"])
             self.stored_total += 1
+
+    def _forgotten(self, key: Any) -> None:
+        self._loaders.pop(key, None)
+        wanted = key in self._wanted
+        self._wanted.discard(key)
+        if wanted or self.routing.gc != "intermediates" or key not in self.catalog:
+            return
+        ts = self.scheduler.tasks.get(key)
+        if ts is not None and (ts.annotations or {}).get("storage_keep"):
+            return
+        self.catalog.discard(key)
+        self._doomed.add(key)
+
+    # ---------------------------------------------------------------------- reuse
+
+    def _token(self, ts: TaskState) -> str:
+        salt = (self.routing.version, (ts.annotations or {}).get("storage_version"))
+        return task_token(ts.run_spec, salt)
+
+    def update_graph(
+        self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
+    ) -> None:
+        self._wanted.update(keys)
+        if not self.catalog.entries:
+            return
+        # Walk down from the requested keys; stop at keys the store holds for this task.
+        reusable: list[TaskState] = []
+        seen: set[Any] = set()
+        stack = list(keys)
+        while stack:
+            key = stack.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            ts = scheduler.tasks.get(key)
+            if ts is None or ts.state != "released" or ts.run_spec is None:
+                continue  # known to this cluster already: stock rules apply
+            entry = self.catalog.get(key)
+            if entry is not None:
+                if entry.token == self._token(ts):
+                    reusable.append(ts)
+                    continue
+                self.catalog.discard(key)  # stale: it is computed and overwritten
+            stack.extend(dts.key for dts in ts.dependencies)
+
+        for ts in reusable:
+            entry = self.catalog.get(ts.key)
+            assert entry is not None
+            if ts.key in keys:
+                self._make_loader(ts)
+            else:
+                ts.state = "memory"
+                ts.set_nbytes(entry.nbytes)
+                scheduler.add_replica(ts, self.lane_for(ts.key))
+        self.reused_total += len(reusable)
+        if reusable:
+            logger.info("Reusing %d stored results instead of computing them", len(reusable))
+
+    def _make_loader(self, ts: TaskState) -> None:
+        """Give a requested stored key a body that loads it, and no dependencies."""
+        deps = list(ts.dependencies)
+        self._loaders[ts.key] = (ts.run_spec, deps)
+        for dts in deps:
+            dts.dependents.discard(ts)
+            if dts.waiters:
+                dts.waiters.discard(ts)
+        ts.dependencies.clear()
+        ts.run_spec = Task(ts.key, load_stored, ts.key)
+
+    def _restore_loader(self, key: Any) -> None:
+        """Loading failed (or its worker died): make the key a normal task again."""
+        spec, deps = self._loaders.pop(key)
+        ts = self.scheduler.tasks[key]
+        ts.run_spec = spec
+        for dts in deps:
+            if dts.key in self.scheduler.tasks:
+                ts.add_dependency(dts)
+        self.catalog.discard(key)
+        logger.info("Computing %r: its stored result could not be loaded", key)
+
+    def _forget_orphans(self, deps: list[TaskState], stimulus_id: str) -> None:
+        recommendations = {
+            dts.key: "forgotten"
+            for dts in deps
+            if dts.state == "released" and not dts.dependents and not dts.who_wants
+        }
+        if recommendations:
+            self.scheduler.transitions(recommendations, stimulus_id)
+
+    # ------------------------------------------------------------- maintenance
+
+    @property
+    def _lease_name(self) -> str:
+        return f"leases/{self.catalog.writer_id}"
+
+    async def _maintain(self) -> None:
+        """Background: write catalog changes, the lease, and delete doomed objects."""
+        while True:
+            await asyncio.sleep(self.routing.flush_interval)
+            try:
+                await self._maintain_once()
+            except Exception as e:
+                logger.warning("Storage maintenance on %s failed (will retry): %s", self.settings.url, e)
+
+    async def _maintain_once(self) -> None:
+        if self._doomed:
+            await self._delete_doomed()
+        await self.catalog.flush()
+        held = frozenset(ts.key for ws in self._lane_list for ts in ws.has_what)
+        now = time.time()
+        if held != self._lease_written or now > self._lease_expires - LEASE_TTL / 2:
+            lease = {"expires": now + LEASE_TTL, "keys": [key_to_msgpack(k) for k in held]}
+            await self.store.write_file(self._lease_name, msgpack.packb(lease, use_bin_type=True))
+            self._lease_written = held
+            self._lease_expires = now + LEASE_TTL
+
+    async def _delete_doomed(self) -> None:
+        doomed, self._doomed = self._doomed, set()
+        protected = await self._keys_leased_by_others()
+        victims = [k for k in doomed if k not in protected]
+        await self.store.delete(victims)
+        self.deleted_total += len(victims)
+
+    async def _keys_leased_by_others(self) -> set[Any]:
+        names = [n for n in await self.store.list_files("leases") if n != self._lease_name]
+        keys: set[Any] = set()
+        now = time.time()
+        for name in names:
+            try:
+                lease = msgpack.unpackb(
+                    await self.store.read_file(name), raw=False, use_list=False, ext_hook=msgpack_ext_hook
+                )
+            except Exception:
+                continue  # vanished or damaged: no protection from it
+            if lease.get("expires", 0) > now:
+                keys.update(lease["keys"])
+        return keys
 
     # ------------------------------------------------------------------ handlers
 
@@ -251,6 +474,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         """
         recommendations: dict[Any, str] = {}
         for key in keys:
+            self.catalog.discard(key)
             ts: TaskState | None = self.scheduler.tasks.get(key)
             if ts is None or ts.state != "memory" or not ts.who_has:
                 continue
@@ -277,6 +501,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             "bytes_in_lanes": sum(ws.nbytes for ws in self._lane_list),
             "stored_total": self.stored_total,
             "unreadable_total": self.unreadable_total,
+            "reused_total": self.reused_total,
+            "deleted_total": self.deleted_total,
+            "catalog_keys": len(self.catalog),
+            "catalog_bytes": self.catalog.nbytes,
             "results": self.routing.results,
             "prefer": self.routing.prefer,
         }

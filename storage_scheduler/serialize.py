@@ -39,6 +39,8 @@ __all__ = [
     "decode_value",
     "encode",
     "key_from_object_name",
+    "key_to_msgpack",
+    "msgpack_ext_hook",
     "object_name",
     "object_path",
     "pack_key",
@@ -62,9 +64,10 @@ MAX_SPELLED_NAME = 200
 # --------------------------------------------------------------------------- keys
 
 
-def _to_msgpack(key: object) -> Any:
+def key_to_msgpack(key: object) -> Any:
+    """A Dask key as msgpack-able data (tuples as arrays, big integers as an extension)."""
     if type(key) is tuple:
-        return [_to_msgpack(k) for k in key]
+        return [key_to_msgpack(k) for k in key]
     if isinstance(key, (str, bytes)):
         return key
     if isinstance(key, bool):
@@ -79,7 +82,8 @@ def _to_msgpack(key: object) -> Any:
     raise TypeError(f"not a valid Dask key part: {key!r} of type {type(key).__name__}")
 
 
-def _ext_hook(code: int, data: bytes) -> object:
+def msgpack_ext_hook(code: int, data: bytes) -> object:
+    """``ext_hook`` for msgpack data holding keys from :func:`key_to_msgpack`."""
     if code == _BIGINT:
         return int(data.decode())
     return msgpack.ExtType(code, data)
@@ -93,12 +97,12 @@ def pack_key(key: object) -> bytes:
     >>> unpack_key(pack_key(("x", 1, 2.5, b"y")))
     ('x', 1, 2.5, b'y')
     """
-    return msgpack.packb(_to_msgpack(key), use_bin_type=True)
+    return msgpack.packb(key_to_msgpack(key), use_bin_type=True)
 
 
 def unpack_key(data: bytes) -> Any:
     """Inverse of :func:`pack_key`."""
-    return msgpack.unpackb(data, raw=False, use_list=False, ext_hook=_ext_hook)
+    return msgpack.unpackb(data, raw=False, use_list=False, ext_hook=msgpack_ext_hook)
 
 
 def object_name(key: object) -> str:

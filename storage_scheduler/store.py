@@ -242,18 +242,22 @@ class Store:
     # ------------------------------------------------------------------ the API
 
     async def put(
-        self, key: object, value: object, *, token: str | None = None
+        self, key: object, value: object, *, token: str | Callable[[], str] | None = None
     ) -> int:
         """Store ``value`` as the result of ``key``; return the object's size in bytes.
 
         ``token`` records what produced the value, so that later readers can tell
-        whether it is still the result they want.
+        whether it is still the result they want. A callable is called in the thread pool
+        (computing a token is CPU work).
         """
         path = self.path(key)
         compression = self.settings.compression
-        frames = await self._in_thread(
-            lambda: serialize.encode(key, value, token=token, compression=compression)
-        )
+
+        def encode() -> list[serialize.Buffer]:
+            tok = token() if callable(token) else token
+            return serialize.encode(key, value, token=tok, compression=compression)
+
+        frames = await self._in_thread(encode)
         await self._retrying("write", path, lambda: self._write(path, frames))
         nbytes = sum(memoryview(f).nbytes for f in frames)
         self.counters.objects_written += 1
@@ -331,7 +335,9 @@ class Store:
 
     async def delete(self, keys: Collection[object]) -> None:
         """Delete the objects of ``keys``; keys without an object are ignored."""
-        paths = [self.path(k) for k in keys]
+        await self._delete_paths([self.path(k) for k in keys])
+
+    async def _delete_paths(self, paths: list[str]) -> None:
         if not paths:
             return
         if self.fs.async_impl:
@@ -356,9 +362,11 @@ class Store:
         base = f"{self.root}/objects"
 
         def find() -> dict[str, Any]:
+            self.fs.invalidate_cache(base)
             return self.fs.find(base, detail=True)  # type: ignore[no-any-return]
 
         if self.fs.async_impl:
+            self.fs.invalidate_cache(base)
             listing = await self._retrying(
                 "list", base, lambda: self._on_fs_loop(self.fs._find(base, detail=True))
             )
@@ -379,6 +387,38 @@ class Store:
         for (_, size), header in zip(digest_named, headers):
             out[header.key] = size
         return out
+
+    # ------------------------------------------------ files beside the objects
+    # Small files the store keeps for itself (the catalog's manifest, cluster leases),
+    # named by paths relative to the root, outside ``objects/``.
+
+    async def write_file(self, name: str, data: bytes) -> None:
+        """Write (atomically, replacing) the file ``name`` under the store's root."""
+        path = f"{self.root}/{name}"
+        await self._retrying("write", path, lambda: self._write(path, [data]))
+
+    async def read_file(self, name: str) -> bytes:
+        path = f"{self.root}/{name}"
+        return bytes(await self._retrying("read", path, lambda: self._read(path)))
+
+    async def list_files(self, prefix: str) -> list[str]:
+        """Names (relative to the root) of the finished files under ``prefix``."""
+        base = f"{self.root}/{prefix.strip('/')}"
+
+        def find() -> list[str]:
+            self.fs.invalidate_cache(base)
+            return self.fs.find(base)  # type: ignore[no-any-return]
+
+        if self.fs.async_impl:
+            self.fs.invalidate_cache(base)
+            paths = await self._retrying("list", base, lambda: self._on_fs_loop(self.fs._find(base)))
+        else:
+            paths = await self._retrying("list", base, lambda: self._in_thread(find))
+        names = [p[len(self.root) + 1 :] for p in paths]
+        return sorted(n for n in names if ".tmp-" not in n)
+
+    async def delete_files(self, names: Collection[str]) -> None:
+        await self._delete_paths([f"{self.root}/{n}" for n in names])
 
     async def check(self) -> None:
         """Probe the store: write, read back and delete a small object.

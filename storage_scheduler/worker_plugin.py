@@ -26,18 +26,23 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from distributed import Reschedule
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.utils import sync
+from distributed.worker import get_worker
 from distributed.worker_state_machine import ExecuteSuccessEvent, StateMachineEvent
 from distributed.worker_state_machine import WorkerState as _WorkerState
 
 from storage_scheduler.comm import is_lane, registry
 from storage_scheduler.config import RoutingSettings, StoreSettings
+from storage_scheduler._exceptions import StoreError
 from storage_scheduler.store import Store
+from storage_scheduler.tokens import task_token
 
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["PLUGIN_NAME", "StorageWorkerPlugin", "WorkerStats"]
+__all__ = ["PLUGIN_NAME", "StorageWorkerPlugin", "WorkerStats", "load_stored"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,23 +202,40 @@ class StorageWorkerPlugin(WorkerPlugin):
         if time.monotonic() < self._skip_until:
             self.stats.not_stored += 1
             return
+        ts = self._worker.state.tasks.get(key)
+        if ts is None:
+            return
+        if getattr(ts.run_spec, "func", None) is load_stored:
+            # Read back from the store: already there. Only tell the scheduler.
+            ts.metadata[METADATA_KEY] = {"loaded": True}
+            return
+        salt = (self.routing.version, (ts.annotations or {}).get("storage_version"))
+        spec = ts.run_spec
         try:
-            nbytes = await self._put(key, value)
+            nbytes, token = await self._put(key, value, lambda: task_token(spec, salt))
         except Exception as e:
             self._write_failed(key, e)
             return
-        ts = self._worker.state.tasks.get(key)
-        if ts is not None:
-            # Travels with the task-finished message to SchedulerPlugin.transition.
-            ts.metadata[METADATA_KEY] = {"nbytes": nbytes}
+        # Travels with the task-finished message to SchedulerPlugin.transition.
+        ts.metadata[METADATA_KEY] = {"nbytes": nbytes, "token": token}
         self.stats.stored += 1
         if self._skip_until:
             self._skip_until = 0.0
             logger.warning("The store %s is writable again", self.store and self.store.url)
 
-    async def _put(self, key: Any, value: object) -> int:
+    async def _put(
+        self, key: Any, value: object, make_token: Callable[[], str]
+    ) -> tuple[int, str]:
+        """Write one result; return the object size and the token recorded with it."""
         assert self.store is not None
-        return await self.store.put(key, value)
+        tokens: list[str] = []
+
+        def token() -> str:
+            tokens.append(make_token())
+            return tokens[0]
+
+        nbytes = await self.store.put(key, value, token=token)
+        return nbytes, tokens[0]
 
     def _write_failed(self, key: Any, error: Exception) -> None:
         self.stats.write_failures += 1
@@ -251,3 +273,24 @@ class StorageWorkerPlugin(WorkerPlugin):
                     "stimulus_id": f"storage-unreadable-{time.time()}",
                 }
             )
+
+
+def load_stored(key: Any) -> Any:
+    """Task body of a requested key whose result the store already holds.
+
+    The scheduler gives a stored key that a client asks for this body instead of its own
+    (see ``StorageSchedulerPlugin.update_graph``). It runs in a worker thread. If the
+    object cannot be read (deleted, damaged, store down), the key is reported unreadable
+    and the task rescheduled; the scheduler then restores the original task and its
+    dependencies, and the result is computed instead.
+    """
+    worker = get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, StorageWorkerPlugin) or plugin.store is None:
+        raise Reschedule()
+    try:
+        return sync(worker.loop, plugin.store.get, key)
+    except (OSError, StoreError) as e:
+        logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
+        worker.loop.add_callback(plugin._report_unreadable, [key])
+        raise Reschedule() from e

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +52,23 @@ def consume(x: Any, directory: str, i: int, delay: float = 0.0) -> float:
     record_run(directory, f"consume-{i}")
     time.sleep(delay)
     return float(x.sum())
+
+
+@contextlib.asynccontextmanager
+async def storage_cluster(
+    url: str, n_workers: int = 2, **plugin_kwargs: Any
+) -> AsyncIterator[tuple[Any, Any, StorageSchedulerPlugin]]:
+    """An in-process scheduler, workers and client with storage on ``url``.
+
+    Yields ``(client, scheduler, plugin)``. Closing it is a clean shutdown: the client
+    releases its keys first, as a user's session ending would.
+    """
+    from distributed import Client, Scheduler, Worker
+
+    async with Scheduler(dashboard_address=":0", validate=True) as s:
+        plugin = await enable_storage(s, url, **plugin_kwargs)
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(n_workers):
+                await stack.enter_async_context(Worker(s.address, nthreads=1, validate=True))
+            async with Client(s.address, asynchronous=True) as c:
+                yield c, s, plugin

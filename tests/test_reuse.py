@@ -1,0 +1,243 @@
+"""Results that outlive the cluster: reuse, invalidation, lifecycle (in-process clusters)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from dask import delayed
+from distributed import wait
+from distributed.utils_test import gen_test
+
+from storage_scheduler import Store
+from tests.utils import storage_cluster
+
+CALLS: list[Any] = []
+
+
+def record(name: str, value: Any) -> Any:
+    CALLS.append(name)
+    return value
+
+
+def inc(x: int) -> int:
+    CALLS.append(("inc", x))
+    return x + 1
+
+
+def total(*xs: int) -> int:
+    CALLS.append("total")
+    return sum(xs)
+
+
+def graph(n: int = 20) -> Any:
+    """A small tree: n increments of n increments, summed."""
+    leaves = [delayed(inc)(i, dask_key_name=f"leaf-{i}") for i in range(n)]
+    mids = [delayed(inc)(x, dask_key_name=f"mid-{i}") for i, x in enumerate(leaves)]
+    return delayed(total)(*mids, dask_key_name="total")
+
+
+async def listing(url: str) -> set[Any]:
+    store = Store.from_url(url)
+    try:
+        return set(await store.list())
+    finally:
+        store.close()
+
+
+@gen_test(timeout=60)
+async def test_rerun_on_new_cluster_executes_nothing(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.compute(graph()) == sum(range(2, 22))
+    assert len(CALLS) == 41
+    # Intermediates are gone (nobody asked for them); the result stays.
+    assert await listing(url) == {"total"}
+
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.compute(graph()) == sum(range(2, 22))
+        assert plugin.reused_total == 1
+    assert CALLS == []
+
+
+@gen_test(timeout=60)
+async def test_persist_survives_the_cluster(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    x = da.arange(100, chunks=10).map_blocks(lambda b: record("block", b * 2), dtype=int)
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        y = c.persist(x)
+        await wait(y)
+        assert int(await c.compute(y.sum())) == 2 * sum(range(100))
+    assert CALLS == ["block"] * 10
+    keys = {k for k in await listing(url) if isinstance(k, tuple)}
+    assert len({k for k in keys if k[0] == x.name}) == 10  # every persisted block stayed
+
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        y = c.persist(x)
+        await wait(y)
+        np.testing.assert_array_equal(await c.compute(y), np.arange(100) * 2)
+    assert CALLS == []
+
+
+@gen_test(timeout=60)
+async def test_resume_in_the_same_session(tmp_path: Path) -> None:
+    """Stored intermediates of an interrupted computation are reused by the next one."""
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        g = graph()
+        mids = [delayed(inc)(delayed(inc)(i, dask_key_name=f"leaf-{i}"), dask_key_name=f"mid-{i}") for i in range(10)]
+        # The first half of the work, held as futures: "the computation so far".
+        held = c.compute(mids)
+        await wait(held)
+        CALLS.clear()
+        assert await c.compute(g) == sum(range(2, 22))
+    assert sorted(c for c in CALLS if c != "total") == sorted(
+        [("inc", i) for i in range(10, 20)] + [("inc", i + 1) for i in range(10, 20)]
+    )
+
+
+def version_a(x: int) -> int:
+    CALLS.append("a")
+    return x + 1
+
+
+def version_b(x: int) -> int:
+    CALLS.append("b")
+    return x + 100
+
+
+@gen_test(timeout=60)
+async def test_edited_function_with_same_key_is_recomputed(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.compute(delayed(version_a)(1, dask_key_name="x")) == 2
+    async with storage_cluster(url) as (c, s, plugin):  # unchanged: reused
+        assert await c.compute(delayed(version_a)(1, dask_key_name="x")) == 2
+    assert CALLS == ["a"]
+    async with storage_cluster(url) as (c, s, plugin):  # "edited": same key, other code
+        assert await c.compute(delayed(version_b)(1, dask_key_name="x")) == 101
+    assert CALLS == ["a", "b"]
+    async with storage_cluster(url) as (c, s, plugin):  # other arguments
+        assert await c.compute(delayed(version_b)(2, dask_key_name="x")) == 102
+    assert CALLS == ["a", "b", "b"]
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.compute(delayed(version_b)(2, dask_key_name="x")) == 102
+    assert CALLS == ["a", "b", "b"]
+
+
+@gen_test(timeout=60)
+async def test_version_salt(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    for salt in ["v1", "v1", "v2"]:
+        async with storage_cluster(url) as (c, s, plugin):
+            with dask.annotate(storage_version=salt):
+                x = delayed(version_a)(1, dask_key_name="x")
+            assert await c.compute(x) == 2
+    assert CALLS == ["a", "a"]
+    with dask.config.set({"storage-scheduler.version": "release-2"}):
+        async with storage_cluster(url) as (c, s, plugin):
+            with dask.annotate(storage_version="v2"):
+                x = delayed(version_a)(1, dask_key_name="x")
+            assert await c.compute(x) == 2
+    assert CALLS == ["a", "a", "a"]
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+@gen_test(timeout=60)
+async def test_lost_or_damaged_result_is_recomputed(tmp_path: Path, damage: str) -> None:
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.compute(graph(5)) == sum(range(2, 7))
+    store = Store.from_url(url)
+    if damage == "delete":
+        await store.delete(["total"])
+    else:
+        path = Path(store.path("total"))
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await asyncio.wait_for(c.compute(graph(5)), 30) == sum(range(2, 7))
+    assert CALLS.count("total") == 1 and len(CALLS) == 11  # recomputed, once
+    assert await store.get("total") == sum(range(2, 7))  # and stored again
+    store.close()
+
+
+@gen_test(timeout=60)
+async def test_damaged_intermediate_is_recomputed(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        mids = c.compute([delayed(inc)(delayed(inc)(i, dask_key_name=f"leaf-{i}"), dask_key_name=f"mid-{i}") for i in range(5)])
+        await wait(mids)
+    store = Store.from_url(url)
+    await store.delete(["mid-2"])
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await asyncio.wait_for(c.compute(graph(5)), 30) == sum(range(2, 7))
+    # mid-2 = inc(leaf-2 = inc(2)); its leaf was an intermediate of the first run, deleted.
+    assert sorted(CALLS, key=str) == sorted([("inc", 2), ("inc", 3), "total"], key=str)
+    store.close()
+
+
+@gen_test(timeout=60)
+async def test_submit_and_keep_annotation(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        f = c.submit(inc, 1, key="submitted")
+        assert await f == 2
+        with dask.annotate(storage_keep=True):
+            kept = delayed(inc)(10, dask_key_name="kept-intermediate")
+        dropped = delayed(inc)(20, dask_key_name="dropped-intermediate")
+        assert await c.compute(delayed(total)(kept, dropped, dask_key_name="sum")) == 32
+        del f
+        await asyncio.sleep(0.2)
+    assert await listing(url) == {"submitted", "kept-intermediate", "sum"}
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.submit(inc, 1, key="submitted") == 2
+    assert CALLS == []
+
+
+@gen_test(timeout=60)
+async def test_gc_never(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    with dask.config.set({"storage-scheduler.gc": "never"}):
+        async with storage_cluster(url) as (c, s, plugin):
+            assert await c.compute(graph(3)) == sum(range(2, 5))
+    assert len(await listing(url)) == 7
+
+
+@gen_test(timeout=60)
+async def test_two_clusters_sharing_a_store(tmp_path: Path) -> None:
+    """A cluster never deletes what another live cluster holds."""
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    async with storage_cluster(url) as (c1, s1, p1):
+        shared = c1.compute(delayed(inc)(1, dask_key_name="shared"))
+        await wait(shared)
+        await asyncio.sleep(0.5)  # catalog flushed, lease written
+        async with storage_cluster(url) as (c2, s2, p2):
+            # In cluster 2, "shared" is an intermediate: reused, then forgotten.
+            out = delayed(inc)(delayed(inc)(1, dask_key_name="shared"), dask_key_name="out")
+            assert await c2.compute(out) == 3
+            await asyncio.sleep(0.5)
+            assert p2.reused_total == 1
+        assert "shared" in await listing(url)
+        assert await shared == 2
+    assert CALLS == [("inc", 1), ("inc", 2)]
