@@ -15,10 +15,12 @@ from tests.s3server import _die_with_parent
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def cluster_env(extra: dict[str, str] | None = None, path: list[str] | None = None) -> dict[str, str]:
+    """Environment of cluster processes: this checkout (and ``path``) importable."""
+    env = {**os.environ, **(extra or {})}
     # Task functions defined in tests/ and ci/ must be importable by the workers.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    parts = [*(path or []), str(ROOT), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, parts))
     return env
 
 
@@ -38,6 +40,8 @@ class CommandLineCluster:
         nthreads: int = 1,
         memory_limit: str = "0",
         log: Path | None = None,
+        env: dict[str, str] | None = None,
+        path: list[str] | None = None,
     ):
         self.directory = directory
         self.scheduler_file = directory / "scheduler.json"
@@ -47,6 +51,7 @@ class CommandLineCluster:
         self.nthreads = nthreads
         self.memory_limit = memory_limit
         self.log = log or directory / "cluster.log"
+        self.env = cluster_env(env, path)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logfile: Any = None
 
@@ -55,7 +60,7 @@ class CommandLineCluster:
             [dask_cmd(), *args],
             stdout=self._logfile,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env=self.env,
             cwd=self.directory,
             preexec_fn=_die_with_parent,
         )
@@ -63,6 +68,7 @@ class CommandLineCluster:
         return proc
 
     def start(self) -> CommandLineCluster:
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._logfile = open(self.log, "ab")
         args = [
             "scheduler",
@@ -116,6 +122,14 @@ class CommandLineCluster:
     @property
     def address(self) -> str:
         return str(json.loads(self.scheduler_file.read_text())["address"])
+
+    def kill(self) -> None:
+        """SIGKILL every process of the cluster, scheduler included: a crash."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs.values():
+            proc.wait()
 
     def stop(self) -> None:
         for proc in self.procs.values():
