@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,12 @@ import msgpack
 from storage_scheduler.serialize import key_to_msgpack, msgpack_ext_hook
 from storage_scheduler.store import Store
 
-__all__ = ["Catalog", "Entry"]
+__all__ = ["Catalog", "Entry", "keys_leased_by_others", "write_lease"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest"
+LEASES = "leases"
 #: More segments than this at start are compacted into one snapshot.
 COMPACT_AFTER = 16
 
@@ -219,3 +220,31 @@ class Catalog:
         await self.compact()
         return len(self.entries)
 
+
+
+# ---------------------------------------------------------------------- leases
+# A running scheduler publishes the keys its lanes hold in ``leases/<writer-id>``, with an
+# expiry it renews. Whoever deletes stored results (another cluster's lifecycle policy,
+# ``dask storage gc``) first reads the live leases and spares the keys in them.
+
+
+async def write_lease(store: Store, name: str, keys: Iterable[Any], expires: float) -> None:
+    lease = {"expires": expires, "keys": [key_to_msgpack(k) for k in keys]}
+    await store.write_file(name, msgpack.packb(lease, use_bin_type=True))
+
+
+async def keys_leased_by_others(store: Store, own_lease: str | None) -> set[Any]:
+    """Keys in the unexpired leases of the store, except ``own_lease``."""
+    names = [n for n in await store.list_files(LEASES) if n != own_lease]
+    keys: set[Any] = set()
+    now = time.time()
+    for name in names:
+        try:
+            lease = msgpack.unpackb(
+                await store.read_file(name), raw=False, use_list=False, ext_hook=msgpack_ext_hook
+            )
+        except Exception:
+            continue  # vanished or damaged: it protects nothing
+        if lease.get("expires", 0) > now:
+            keys.update(lease["keys"])
+    return keys

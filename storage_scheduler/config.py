@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Mapping
+import shlex
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,13 @@ from dask.utils import parse_timedelta
 
 from storage_scheduler._exceptions import StorageConfigError
 
-__all__ = ["RetryPolicy", "RoutingSettings", "StoreSettings", "default_store_url"]
+__all__ = [
+    "RetryPolicy",
+    "RoutingSettings",
+    "StoreSettings",
+    "default_store_url",
+    "parse_storage_options",
+]
 
 _HERE = pathlib.Path(__file__).parent
 
@@ -176,6 +183,23 @@ class RoutingSettings:
                 f"storage-scheduler.lanes must be a positive integer, got {out.lanes!r}"
             )
         return out
+
+
+def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` command-line options; values are read as YAML scalars.
+
+    Examples
+    --------
+    >>> parse_storage_options(["anon=true", "endpoint_url=http://127.0.0.1:9000"])
+    {'anon': True, 'endpoint_url': 'http://127.0.0.1:9000'}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StorageConfigError(f"--storage-option takes key=value, got {shlex.quote(item)}")
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
 
 
 _load_defaults()

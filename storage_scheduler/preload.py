@@ -24,8 +24,8 @@ from typing import Any
 
 import click
 
-from storage_scheduler.config import StoreSettings
-from storage_scheduler.scheduler_plugin import StorageSchedulerPlugin, parse_storage_options
+from storage_scheduler.config import StoreSettings, parse_storage_options
+from storage_scheduler.scheduler_plugin import StorageSchedulerPlugin
 from storage_scheduler.worker_plugin import set_store_override
 
 __all__ = ["dask_setup", "dask_teardown"]

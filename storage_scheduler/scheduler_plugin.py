@@ -43,13 +43,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shlex
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 from dask._task_spec import Task
 
 from distributed.active_memory_manager import (
@@ -63,49 +61,29 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.scheduler import TaskState, WorkerState
 
-from storage_scheduler._exceptions import StorageConfigError
-from storage_scheduler.catalog import Catalog
+from storage_scheduler.catalog import Catalog, keys_leased_by_others, write_lease
 from storage_scheduler.comm import is_lane, lane_addresses, registry, store_id_for
-from storage_scheduler.config import RoutingSettings, StoreSettings
-from storage_scheduler.serialize import key_to_msgpack, msgpack_ext_hook
+from storage_scheduler.config import RoutingSettings, StoreSettings, parse_storage_options
 from storage_scheduler.store import Store
 from storage_scheduler.tokens import task_token
 from storage_scheduler.worker_plugin import (
     METADATA_KEY,
     PLUGIN_NAME,
     StorageWorkerPlugin,
+    is_finalize_key,
     load_stored,
 )
 
 if TYPE_CHECKING:
     from distributed import Scheduler
 
-__all__ = ["LaneAwareReduceReplicas", "StorageSchedulerPlugin", "parse_storage_options"]
+__all__ = ["LaneAwareReduceReplicas", "StorageSchedulerPlugin"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a cluster's lease protects the keys it holds from other clusters' deletions;
 #: renewed at half-life while the scheduler runs.
 LEASE_TTL = 60.0
-
-
-def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` command-line options; values are read as YAML scalars.
-
-    Examples
-    --------
-    >>> parse_storage_options(["anon=true", "endpoint_url=http://127.0.0.1:9000"])
-    {'anon': True, 'endpoint_url': 'http://127.0.0.1:9000'}
-    """
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise StorageConfigError(f"--storage-option takes key=value, got {shlex.quote(item)}")
-        out[key.strip()] = yaml.safe_load(value) if value else ""
-    return out
 
 
 class LaneAwareReduceReplicas(ActiveMemoryManagerPolicy):
@@ -345,6 +323,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
     ) -> None:
         self._wanted.update(keys)
+        for key in keys:
+            if is_finalize_key(key) and key in scheduler.tasks:
+                # Client.compute's wrapper: what it wraps is the result the user wants.
+                self._wanted.update(dts.key for dts in scheduler.tasks[key].dependencies)
         if not self.catalog.entries:
             return
         # Walk down from the requested keys; stop at keys the store holds for this task.
@@ -433,32 +415,20 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         held = frozenset(ts.key for ws in self._lane_list for ts in ws.has_what)
         now = time.time()
         if held != self._lease_written or now > self._lease_expires - LEASE_TTL / 2:
-            lease = {"expires": now + LEASE_TTL, "keys": [key_to_msgpack(k) for k in held]}
-            await self.store.write_file(self._lease_name, msgpack.packb(lease, use_bin_type=True))
+            await write_lease(self.store, self._lease_name, held, now + LEASE_TTL)
             self._lease_written = held
             self._lease_expires = now + LEASE_TTL
 
     async def _delete_doomed(self) -> None:
         doomed, self._doomed = self._doomed, set()
-        protected = await self._keys_leased_by_others()
+        protected = await keys_leased_by_others(self.store, own_lease=self._lease_name)
         victims = [k for k in doomed if k not in protected]
-        await self.store.delete(victims)
+        try:
+            await self.store.delete(victims)
+        except BaseException:
+            self._doomed.update(victims)  # try again at the next round
+            raise
         self.deleted_total += len(victims)
-
-    async def _keys_leased_by_others(self) -> set[Any]:
-        names = [n for n in await self.store.list_files("leases") if n != self._lease_name]
-        keys: set[Any] = set()
-        now = time.time()
-        for name in names:
-            try:
-                lease = msgpack.unpackb(
-                    await self.store.read_file(name), raw=False, use_list=False, ext_hook=msgpack_ext_hook
-                )
-            except Exception:
-                continue  # vanished or damaged: no protection from it
-            if lease.get("expires", 0) > now:
-                keys.update(lease["keys"])
-        return keys
 
     # ------------------------------------------------------------------ handlers
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distributed import Reschedule
+from dask.utils import key_split
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils import sync
 from distributed.worker import get_worker
@@ -61,6 +62,15 @@ _overrides: weakref.WeakKeyDictionary[Worker, StoreSettings] = weakref.WeakKeyDi
 def set_store_override(worker: Worker, settings: StoreSettings) -> None:
     """Make ``worker`` open its store with ``settings`` instead of the scheduler's."""
     _overrides[worker] = settings
+
+
+def is_finalize_key(key: Any) -> bool:
+    """Whether ``key`` is the one-off wrapper ``Client.compute`` puts around a collection.
+
+    Its name is new at every call, so its result can never be reused: it is not stored,
+    and what it wraps (the collection's own keys) counts as the requested result.
+    """
+    return key_split(key).startswith("finalize")
 
 
 class StoreFirstWorkerState(_WorkerState):
@@ -177,6 +187,8 @@ class StorageWorkerPlugin(WorkerPlugin):
         state = self._worker.state
         ts = state.tasks.get(key)
         if ts is None or key in state.actors:  # actors live on their worker, as in stock Dask
+            return False
+        if is_finalize_key(key):
             return False
         choice = (ts.annotations or {}).get("storage")
         if self.routing.results == "annotated":

@@ -241,3 +241,19 @@ async def test_two_clusters_sharing_a_store(tmp_path: Path) -> None:
         assert "shared" in await listing(url)
         assert await shared == 2
     assert CALLS == [("inc", 1), ("inc", 2)]
+
+
+@gen_test(timeout=60)
+async def test_compute_of_a_collection_is_reused(tmp_path: Path) -> None:
+    """Client.compute wraps a collection in a new finalize key at every call: what it
+    wraps is the result that is kept and reused, and the wrapper is not stored."""
+    url = str(tmp_path / "store")
+    x = da.arange(60, chunks=10).map_blocks(lambda b: record("block", b + 1), dtype=int)
+    CALLS.clear()
+    for _ in range(2):
+        async with storage_cluster(url) as (c, s, plugin):
+            np.testing.assert_array_equal(await c.compute(x), np.arange(60) + 1)
+    assert CALLS == ["block"] * 6
+    keys = await listing(url)
+    assert not any(str(k).startswith("finalize") for k in keys)
+    assert sum(1 for k in keys if isinstance(k, tuple) and k[0] == x.name) == 6

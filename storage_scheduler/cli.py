@@ -1,0 +1,229 @@
+"""``dask storage``: look after a store from the command line.
+
+Registered through the ``dask_cli`` entry point, so it appears as ``dask storage``::
+
+    dask storage ls URL                      stored keys, sizes and ages
+    dask storage du URL [--by prefix|age]    keys and bytes, grouped
+    dask storage gc URL --older-than 7d      delete by a retention rule (--dry-run first)
+    dask storage verify URL [--delete]       read every object and check its checksum
+    dask storage rebuild-catalog URL         recreate the manifest from a listing
+
+Every command takes ``--storage-option key=value`` (repeatable) for the filesystem.
+The catalog (``manifest/``) is what ``ls``, ``du`` and ``gc`` read: fast even for
+millions of keys. ``verify`` and ``rebuild-catalog`` read the store itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import click
+from dask.utils import format_bytes, format_time, key_split, parse_bytes, parse_timedelta
+
+from storage_scheduler._exceptions import IntegrityError, StorageSchedulerError
+from storage_scheduler.catalog import Catalog, Entry, keys_leased_by_others
+from storage_scheduler.config import parse_storage_options
+from storage_scheduler.store import Store
+
+__all__ = ["storage"]
+
+T = TypeVar("T")
+
+storage_option = click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    help="Filesystem option as key=value (repeatable)",
+)
+
+
+def _run(url: str, options: Iterable[str], work: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the store, run ``work`` on it, and turn our errors into a clean exit."""
+
+    async def main() -> T:
+        store = Store.from_url(url, **parse_storage_options(options))
+        try:
+            return await work(store)
+        finally:
+            store.close()
+
+    try:
+        return asyncio.run(main())
+    except (StorageSchedulerError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+async def _catalog(store: Store) -> Catalog:
+    catalog = Catalog(store)
+    await catalog.load()
+    return catalog
+
+
+def _age(entry: Entry, now: float) -> str:
+    return format_time(max(0.0, now - entry.created))
+
+
+@click.group()
+def storage() -> None:
+    """Inspect and clean the store of a storage_scheduler cluster."""
+
+
+@storage.command("ls")
+@click.argument("url")
+@storage_option
+@click.option("--limit", type=int, default=None, help="Show at most this many keys")
+def ls(url: str, storage_options: tuple[str, ...], limit: int | None) -> None:
+    """List the stored keys with their sizes and ages, newest first."""
+    catalog = _run(url, storage_options, _catalog)
+    now = time.time()
+    rows = sorted(catalog.entries.items(), key=lambda kv: -kv[1].created)
+    for key, entry in rows[:limit]:
+        click.echo(f"{format_bytes(entry.nbytes):>10}  {_age(entry, now):>10}  {key!r}")
+    click.echo(f"{len(rows)} keys, {format_bytes(sum(e.nbytes for _, e in rows))}")
+
+
+AGE_BUCKETS = [(3600, "< 1 hour"), (86400, "< 1 day"), (7 * 86400, "< 1 week"), (float("inf"), ">= 1 week")]
+
+
+@storage.command("du")
+@click.argument("url")
+@storage_option
+@click.option("--by", type=click.Choice(["prefix", "age"]), default="prefix", show_default=True)
+def du(url: str, storage_options: tuple[str, ...], by: str) -> None:
+    """Keys and bytes in the store, by key prefix (task name) or by age."""
+    catalog = _run(url, storage_options, _catalog)
+    now = time.time()
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for key, entry in catalog.entries.items():
+        if by == "prefix":
+            group = str(key_split(key))
+        else:
+            group = next(label for limit, label in AGE_BUCKETS if now - entry.created < limit)
+        groups[group][0] += 1
+        groups[group][1] += entry.nbytes
+    order = sorted(groups, key=lambda g: -groups[g][1])
+    if by == "age":
+        order = [label for _, label in AGE_BUCKETS if label in groups]
+    click.echo(f"{'keys':>10} {'bytes':>12}  {by}")
+    for group in order:
+        n, nbytes = groups[group]
+        click.echo(f"{n:>10} {format_bytes(nbytes):>12}  {group}")
+    total_n = sum(g[0] for g in groups.values())
+    total_b = sum(g[1] for g in groups.values())
+    click.echo(f"{total_n:>10} {format_bytes(total_b):>12}  total")
+
+
+@storage.command("gc")
+@click.argument("url")
+@storage_option
+@click.option("--older-than", default=None, help="Delete results stored longer ago than this, e.g. 7d")
+@click.option("--max-size", default=None, help="Delete the oldest results until the store is this small, e.g. 100GiB")
+@click.option("--all", "everything", is_flag=True, help="Delete every stored result")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted")
+def gc(
+    url: str,
+    storage_options: tuple[str, ...],
+    older_than: str | None,
+    max_size: str | None,
+    everything: bool,
+    dry_run: bool,
+) -> None:
+    """Delete stored results by a retention rule.
+
+    Keys held by a running cluster (in its lease) are never deleted.
+    """
+    if not (older_than or max_size or everything):
+        raise click.UsageError("say what to delete: --older-than, --max-size or --all")
+    try:
+        max_age = parse_timedelta(older_than) if older_than else None
+        limit = parse_bytes(max_size) if max_size else None
+    except (ValueError, KeyError) as e:
+        raise click.BadParameter(str(e)) from e
+
+    async def work(store: Store) -> tuple[int, int, int]:
+        catalog = await _catalog(store)
+        now = time.time()
+        oldest_first = sorted(catalog.entries.items(), key=lambda kv: kv[1].created)
+        doomed: dict[Any, int] = {}
+        if everything:
+            doomed = {k: e.nbytes for k, e in oldest_first}
+        if max_age is not None:
+            doomed.update({k: e.nbytes for k, e in oldest_first if now - e.created > max_age})
+        if limit is not None:
+            remaining = catalog.nbytes - sum(doomed.values())
+            for key, entry in oldest_first:
+                if remaining <= limit:
+                    break
+                if key not in doomed:
+                    doomed[key] = entry.nbytes
+                    remaining -= entry.nbytes
+        protected = await keys_leased_by_others(store, own_lease=None)
+        kept = [k for k in doomed if k in protected]
+        for key in kept:
+            del doomed[key]
+        if not dry_run:
+            await store.delete(list(doomed))
+            for key in doomed:
+                catalog.discard(key)
+            await catalog.flush()
+        return len(doomed), sum(doomed.values()), len(kept)
+
+    n, nbytes, kept = _run(url, storage_options, work)
+    verb = "Would delete" if dry_run else "Deleted"
+    click.echo(f"{verb} {n} stored results, {format_bytes(nbytes)}")
+    if kept:
+        click.echo(f"Kept {kept} results that a running cluster holds")
+
+
+@storage.command("verify")
+@click.argument("url")
+@storage_option
+@click.option("--delete", is_flag=True, help="Delete the objects that fail, so they are recomputed")
+def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
+    """Read every stored object and check its checksum."""
+
+    async def work(store: Store) -> tuple[int, list[tuple[Any, str]]]:
+        listing = await store.list()
+        sem = asyncio.Semaphore(store.settings.max_concurrency)
+        bad: list[tuple[Any, str]] = []
+
+        async def check(key: Any) -> None:
+            async with sem:
+                try:
+                    await store.read(key)
+                except IntegrityError as e:
+                    bad.append((key, str(e)))
+
+        await asyncio.gather(*map(check, listing))
+        if delete and bad:
+            catalog = await _catalog(store)
+            await store.delete([k for k, _ in bad])
+            for key, _ in bad:
+                catalog.discard(key)
+            await catalog.flush()
+        return len(listing), bad
+
+    n, bad = _run(url, storage_options, work)
+    for key, reason in bad:
+        click.echo(f"BAD {key!r}: {reason}")
+    click.echo(f"{n} objects checked, {len(bad)} bad" + (" (deleted)" if delete and bad else ""))
+    if bad and not delete:
+        sys.exit(1)
+
+
+@storage.command("rebuild-catalog")
+@click.argument("url")
+@storage_option
+def rebuild_catalog(url: str, storage_options: tuple[str, ...]) -> None:
+    """Recreate the catalog by listing the store (when the manifest is lost or damaged)."""
+
+    async def work(store: Store) -> int:
+        return await Catalog(store).rebuild()
+
+    n = _run(url, storage_options, work)
+    click.echo(f"Catalog rebuilt: {n} stored results")
