@@ -55,3 +55,11 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[
     if request.param == "local":
         return f"file://{tmp_path}/store", {}
     return request.getfixturevalue("s3_store_url")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """A store that other processes can reach: a local directory, then S3 (moto)."""
+    if request.param == "local":
+        return f"file://{tmp_path}/store", {}
+    return request.getfixturevalue("s3_store_url")  # type: ignore[no-any-return]

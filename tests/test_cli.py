@@ -21,12 +21,6 @@ from tests.utils import consume, lane_keys, produce, runs
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(params=["local", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
-    if request.param == "local":
-        return f"file://{tmp_path}/store", {}
-    return request.getfixturevalue("s3_store_url")  # type: ignore[no-any-return]
-
 
 def test_command_line_cluster(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     url, options = backend

@@ -28,12 +28,6 @@ def preload_kwargs(url: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"preload": ["storage_scheduler"], "preload_argv": argv}
 
 
-@pytest.fixture(params=["local", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
-    if request.param == "local":
-        return f"file://{tmp_path}/store", {}
-    return request.getfixturevalue("s3_store_url")  # type: ignore[no-any-return]
-
 
 @gen_test(timeout=180)
 async def test_sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:

@@ -52,12 +52,6 @@ def block(b: np.ndarray, marks: str, block_info: Any = None) -> np.ndarray:
     return b * 2
 
 
-@pytest.fixture(params=["local", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
-    if request.param == "local":
-        return f"file://{tmp_path}/store", {}
-    return request.getfixturevalue("s3_store_url")  # type: ignore[no-any-return]
-
 
 def test_full_restart_executes_nothing(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     url, options = backend
