@@ -154,6 +154,8 @@ class RoutingSettings:
     gc: str = "intermediates"
     #: How often (seconds) the scheduler writes catalog changes to the store.
     flush_interval: float = 0.5
+    #: Also require the tokens of every upstream task to match before reusing a result.
+    lineage: bool = False
 
     @classmethod
     def from_config(cls, lanes: int | None = None) -> RoutingSettings:
@@ -165,6 +167,7 @@ class RoutingSettings:
             version=None if cfg.get("version") is None else str(cfg["version"]),
             gc=str(cfg.get("gc", "intermediates")),
             flush_interval=float(parse_timedelta(cfg.get("flush-interval", "500ms"))),
+            lineage=bool(cfg.get("lineage", False)),
         )
         if out.gc not in ("intermediates", "never"):
             raise StorageConfigError(

@@ -298,7 +298,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             return
         self.scheduler.add_replica(ts, self.lane_for(key))
         if "token" in stored:
-            self.catalog.add(key, stored["token"], stored["nbytes"])
+            token = stored["token"]
+            if self.routing.lineage:
+                token = self._lineage_token(ts, {}, own=token, use_catalog=True)
+            self.catalog.add(key, token, stored["nbytes"])
             self.stored_total += 1
 
     def _forgotten(self, key: Any) -> None:
@@ -315,9 +318,48 @@ class StorageSchedulerPlugin(SchedulerPlugin):
 
     # ---------------------------------------------------------------------- reuse
 
-    def _token(self, ts: TaskState) -> str:
+    def _own_token(self, ts: TaskState) -> str:
         salt = (self.routing.version, (ts.annotations or {}).get("storage_version"))
         return task_token(ts.run_spec, salt)
+
+    def _token(self, ts: TaskState, memo: dict[Any, str]) -> str:
+        """The token a stored result of ``ts`` must carry to be reused."""
+        if self.routing.lineage:
+            return self._lineage_token(ts, memo)
+        return self._own_token(ts)
+
+    def _lineage_token(
+        self, root: TaskState, memo: dict[Any, str], own: str | None = None, use_catalog: bool = False
+    ) -> str:
+        """The token of ``root`` combined with those of everything upstream of it.
+
+        When a graph asks to reuse a result, it is computed from the new graph's specs.
+        When a result is stored (``use_catalog``), the dependencies that were stored carry
+        theirs in the catalog already, and ``own`` is the token the worker computed.
+        Iterative, not recursive: graphs can be deeper than Python's recursion limit.
+        """
+
+        def known(dts: TaskState) -> str | None:
+            if use_catalog:
+                entry = self.catalog.get(dts.key)
+                if entry is not None and entry.token is not None:
+                    return entry.token
+            if dts.run_spec is None:
+                return f"data:{dts.key!r}"  # scattered data: known by its key only
+            return memo.get(dts.key)
+
+        stack = [root]
+        while stack:
+            ts = stack[-1]
+            pending = [dts for dts in ts.dependencies if known(dts) is None]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            parts = tuple(known(dts) for dts in sorted(ts.dependencies, key=lambda d: str(d.key)))
+            base = own if ts is root and own is not None else self._own_token(ts)
+            memo[ts.key] = task_token(None, (base, parts))
+        return memo[root.key]
 
     def update_graph(
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
@@ -331,6 +373,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             return
         # Walk down from the requested keys; stop at keys the store holds for this task.
         reusable: list[TaskState] = []
+        memo: dict[Any, str] = {}
         seen: set[Any] = set()
         stack = list(keys)
         while stack:
@@ -343,7 +386,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
                 continue  # known to this cluster already: stock rules apply
             entry = self.catalog.get(key)
             if entry is not None:
-                if entry.token == self._token(ts):
+                if entry.token == self._token(ts, memo):
                     reusable.append(ts)
                     continue
                 self.catalog.discard(key)  # stale: it is computed and overwritten

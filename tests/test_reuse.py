@@ -257,3 +257,51 @@ async def test_compute_of_a_collection_is_reused(tmp_path: Path) -> None:
     keys = await listing(url)
     assert not any(str(k).startswith("finalize") for k in keys)
     assert sum(1 for k in keys if isinstance(k, tuple) and k[0] == x.name) == 6
+
+
+def upstream_a() -> int:
+    CALLS.append("up-a")
+    return 1
+
+
+def upstream_b() -> int:
+    CALLS.append("up-b")
+    return 1000
+
+
+def downstream(x: int) -> int:
+    CALLS.append("down")
+    return x + 1
+
+
+@pytest.mark.parametrize("lineage", [False, True])
+@gen_test(timeout=60)
+async def test_lineage_option(tmp_path: Path, lineage: bool) -> None:
+    """An upstream task edited under the same key: only lineage tokens notice it."""
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    with dask.config.set({"storage-scheduler.lineage": lineage}):
+        for up, repeat in [(upstream_a, 0), (upstream_a, 1), (upstream_b, 2)]:
+            async with storage_cluster(url) as (c, s, plugin):
+                d = delayed(downstream)(delayed(up)(dask_key_name="up"), dask_key_name="down")
+                result = await c.compute(d)
+            if repeat == 1:
+                assert CALLS == ["up-a", "down"]  # unchanged: reused in both modes
+    if lineage:
+        assert result == 1001 and CALLS == ["up-a", "down", "up-b", "down"]
+    else:
+        assert result == 2 and CALLS == ["up-a", "down"]  # the documented limit without it
+
+
+@gen_test(timeout=120)
+async def test_lineage_on_a_deep_chain(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    CALLS.clear()
+    with dask.config.set({"storage-scheduler.lineage": True}):
+        for _ in range(2):
+            async with storage_cluster(url) as (c, s, plugin):
+                x = delayed(inc)(0, dask_key_name="chain-0")
+                for i in range(1, 1500):  # deeper than Python's recursion limit
+                    x = delayed(inc)(x, dask_key_name=f"chain-{i}")
+                assert await c.compute(x) == 1500
+    assert len(CALLS) == 1500
