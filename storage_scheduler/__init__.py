@@ -16,6 +16,7 @@ from storage_scheduler._exceptions import (
     StoreUnavailableError,
 )
 from storage_scheduler.config import RoutingSettings, StoreSettings
+from storage_scheduler.enable import disable, enable
 from storage_scheduler.preload import dask_setup, dask_teardown
 from storage_scheduler.scheduler_plugin import StorageSchedulerPlugin
 from storage_scheduler.store import Store
@@ -35,4 +36,6 @@ __all__ = [
     "StoreUnavailableError",
     "dask_setup",
     "dask_teardown",
+    "disable",
+    "enable",
 ]

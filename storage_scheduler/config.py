@@ -94,6 +94,10 @@ class StoreSettings:
     connect_timeout: float = 30.0
     retry: RetryPolicy = RetryPolicy()
 
+    def __repr__(self) -> str:
+        # Storage options may hold credentials: name them, never show their values.
+        return f"StoreSettings(url={self.url!r}, storage_options=<{', '.join(self.storage_options)}>)"
+
     @classmethod
     def from_config(
         cls, url: str | None = None, storage_options: Mapping[str, Any] | None = None

@@ -61,6 +61,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.scheduler import TaskState, WorkerState
 
+from storage_scheduler._exceptions import StorageSchedulerError
 from storage_scheduler.catalog import Catalog, keys_leased_by_others, write_lease
 from storage_scheduler.comm import is_lane, lane_addresses, registry, store_id_for
 from storage_scheduler.config import RoutingSettings, StoreSettings, parse_storage_options
@@ -154,6 +155,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     #: Keys whose objects are to be deleted.
     _doomed: set[Any]
     _background: asyncio.Task[None] | None
+    #: Whether workers store new results (``storage_scheduler.disable`` turns it off).
+    writing: bool
     _lease_written: frozenset[Any]
     _lease_expires: float
 
@@ -178,6 +181,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self._background = None
         self._lease_written = frozenset()
         self._lease_expires = 0.0
+        self.writing = True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,23 +198,31 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         except Exception:
             store.close()
             raise
+        try:
+            catalog = Catalog(store, uuid.uuid4().hex[:12])
+            await catalog.load()
+        except Exception:
+            store.close()
+            raise
         self.store = store
-        self.catalog = Catalog(store, uuid.uuid4().hex[:12])
-        await self.catalog.load()
+        self.catalog = catalog
         self.store_id = store_id_for(self.settings.url)
-        self._lane_list = [self._make_lane(addr) for addr in lane_addresses(self.store_id, self.routing.lanes)]
+        self._lane_list = [
+            self._make_lane(addr) for addr in lane_addresses(self.store_id, self.routing.lanes)
+        ]
         self.lanes = {ws.address: ws for ws in self._lane_list}
         registry.register(self.store_id, self.store, self._drop_unreadable)
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
         scheduler.handlers["storage_info"] = self.storage_info
+        scheduler.handlers["storage_set_writing"] = self.set_writing
         self._install_amm_policy()
         self._background = asyncio.create_task(self._maintain())
-        await scheduler.register_worker_plugin(
-            None,
-            dumps(StorageWorkerPlugin(self.settings, self.store_id, self.routing)),
-            name=PLUGIN_NAME,
-            idempotent=False,
-        )
+        try:
+            await self._push_worker_plugin()
+        except Exception:
+            await scheduler.unregister_worker_plugin(None, PLUGIN_NAME)
+            await self.close()
+            raise
         logger.info(
             "Storing results in %s (%d lanes, results=%s, prefer=%s)",
             self.settings.url,
@@ -218,6 +230,39 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             self.routing.results,
             self.routing.prefer,
         )
+
+    async def _push_worker_plugin(self) -> None:
+        """Install (or replace) the worker side on every worker, present and future.
+
+        What ``Scheduler.register_worker_plugin`` does, but collecting each worker's error
+        instead of raising the first one, so that the message can name every worker that
+        failed (package missing, store unreachable from it).
+        """
+        plugin = StorageWorkerPlugin(self.settings, self.store_id, self.routing, self.writing)
+        data = dumps(plugin)
+        self.scheduler.worker_plugins[PLUGIN_NAME] = data  # for workers that join later
+        responses = await self.scheduler.broadcast(
+            msg={"op": "plugin-add", "plugin": data, "name": PLUGIN_NAME}, on_error="return"
+        )
+        failed = {
+            addr: repr(r) if isinstance(r, BaseException) else (r.get("exception_text") or str(r))
+            for addr, r in responses.items()
+            if isinstance(r, BaseException) or r.get("status") != "OK"
+        }
+        if failed:
+            details = "; ".join(f"{addr}: {text}" for addr, text in sorted(failed.items()))
+            raise StorageSchedulerError(
+                f"storage_scheduler could not start on {len(failed)} worker(s) with store "
+                f"{self.settings.url!r}: {details}"
+            )
+
+    async def set_writing(self, write: bool) -> dict[str, Any]:
+        """Start or stop storing new results (RPC); stored results stay readable."""
+        if write != self.writing:
+            self.writing = write
+            await self._push_worker_plugin()
+            logger.info("%s new results in %s", "Storing" if write else "No longer storing", self.settings.url)
+        return self.storage_info()
 
     async def close(self) -> None:
         if not hasattr(self, "store"):
@@ -234,6 +279,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
         self.scheduler.handlers.pop("storage_info", None)
+        self.scheduler.handlers.pop("storage_set_writing", None)
+        self._uninstall_amm_policy()
         self.store.close()
 
     def _make_lane(self, address: str) -> WorkerState:
@@ -258,6 +305,15 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             if type(policy) is ReduceReplicas:
                 amm.policies.discard(policy)
                 amm.add_policy(LaneAwareReduceReplicas())
+
+    def _uninstall_amm_policy(self) -> None:
+        amm = self.scheduler.extensions.get("amm")
+        if amm is None:
+            return
+        for policy in list(amm.policies):
+            if type(policy) is LaneAwareReduceReplicas:
+                amm.policies.discard(policy)
+                amm.add_policy(ReduceReplicas())
 
     def restart(self, scheduler: Scheduler) -> None:
         # Scheduler.restart forgets all tasks (without transitions) but only clears the
@@ -518,6 +574,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             "deleted_total": self.deleted_total,
             "catalog_keys": len(self.catalog),
             "catalog_bytes": self.catalog.nbytes,
+            "writing": self.writing,
             "results": self.routing.results,
             "prefer": self.routing.prefer,
         }

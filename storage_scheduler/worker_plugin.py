@@ -126,6 +126,9 @@ class StorageWorkerPlugin(WorkerPlugin):
     settings: StoreSettings
     store_id: str
     routing: RoutingSettings
+    #: Whether results are written (False after ``storage_scheduler.disable``: stored
+    #: results are still read, new ones are not stored).
+    write: bool
     stats: WorkerStats
     store: Store | None
     _worker: Worker | None
@@ -134,10 +137,13 @@ class StorageWorkerPlugin(WorkerPlugin):
     _skip_until: float
     _warned: set[str]
 
-    def __init__(self, settings: StoreSettings, store_id: str, routing: RoutingSettings):
+    def __init__(
+        self, settings: StoreSettings, store_id: str, routing: RoutingSettings, write: bool = True
+    ):
         self.settings = settings
         self.store_id = store_id
         self.routing = routing
+        self.write = write
         self._init_state()
 
     def _init_state(self) -> None:
@@ -150,7 +156,12 @@ class StorageWorkerPlugin(WorkerPlugin):
         self._warned = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"settings": self.settings, "store_id": self.store_id, "routing": self.routing}
+        return {
+            "settings": self.settings,
+            "store_id": self.store_id,
+            "routing": self.routing,
+            "write": self.write,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -160,7 +171,13 @@ class StorageWorkerPlugin(WorkerPlugin):
 
     async def setup(self, worker: Worker) -> None:
         settings = _overrides.get(worker, self.settings)
-        self.store = Store(settings)
+        store = Store(settings)
+        try:
+            await store.check()  # a worker that cannot reach the store says so now
+        except Exception:
+            store.close()
+            raise
+        self.store = store
         self._worker = worker
         registry.register(self.store_id, self.store, self._report_unreadable)
 
@@ -169,7 +186,12 @@ class StorageWorkerPlugin(WorkerPlugin):
         state_class = StoreFirstWorkerState if self.routing.prefer == "store" else PeerFirstWorkerState
         self._original_state_class = type(worker.state)
         worker.state.__class__ = state_class
-        logger.info("Worker %s stores results in %s", worker.address, settings.url)
+        logger.info(
+            "Worker %s %s results in %s",
+            worker.address,
+            "stores" if self.write else "reads stored",
+            settings.url,
+        )
 
     async def teardown(self, worker: Worker) -> None:
         if self._original_execute is not None:
@@ -184,6 +206,8 @@ class StorageWorkerPlugin(WorkerPlugin):
 
     def _wants_stored(self, key: Any) -> bool:
         assert self._worker is not None
+        if not self.write:
+            return False
         state = self._worker.state
         ts = state.tasks.get(key)
         if ts is None or key in state.actors:  # actors live on their worker, as in stock Dask
