@@ -40,10 +40,10 @@ async def main(argv: list[str]) -> int:
         per_segment = max(1, args.entries // 100)
         bulk = args.entries - per_segment * args.segments
         now = time.time()
-        writer.entries = {
+        writer._replace({
             (f"array-{i // 10_000:08x}", i % 100, i // 100): Entry(f"{i:032x}", 8_000_000, now)
             for i in range(bulk)
-        }
+        })
         t0 = time.perf_counter()
         await writer.compact()
         for s in range(args.segments):

@@ -4,6 +4,17 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
+# Headless Chromium renders the dashboard page in tests/test_observability.py.
+if ! command -v chromium > /dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+        echo "ci: installing Debian's chromium for the dashboard test"
+        apt-get update -qq > /dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+    else
+        echo "ci: chromium is not installed and cannot be installed here (not root)"
+    fi
+fi
+
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The server stops with this script, and by itself after 80 minutes in any case.
 timeout 4800 moto_server -H 127.0.0.1 -p "$port" > /dev/null 2>&1 &

@@ -99,6 +99,8 @@ class Catalog:
     store: Store
     writer_id: str
     entries: dict[Any, Entry]
+    #: Total size of the objects in ``entries``.
+    nbytes: int
     #: Changes not yet written: an Entry to add, or None to delete.
     _pending: dict[Any, Entry | None]
     #: Segments already reflected in ``entries`` (compaction may delete them).
@@ -109,9 +111,14 @@ class Catalog:
         self.store = store
         self.writer_id = writer_id or uuid.uuid4().hex[:12]
         self.entries = {}
+        self.nbytes = 0
         self._pending = {}
         self._seen_segments = []
         self._seq = 0
+
+    @property
+    def segments_since_compaction(self) -> int:
+        return len(self._seen_segments)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -124,16 +131,21 @@ class Catalog:
 
     def add(self, key: Any, token: str | None, nbytes: int) -> None:
         entry = Entry(token, nbytes, time.time())
+        old = self.entries.get(key)
+        self.nbytes += nbytes - (old.nbytes if old is not None else 0)
         self.entries[key] = entry
         self._pending[key] = entry
 
     def discard(self, key: Any) -> None:
-        if self.entries.pop(key, None) is not None or key in self._pending:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        if old is not None or key in self._pending:
             self._pending[key] = None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+    def _replace(self, entries: dict[Any, Entry]) -> None:
+        self.entries = entries
+        self.nbytes = sum(e.nbytes for e in entries.values())
 
     # ------------------------------------------------------------------- I/O
 
@@ -167,7 +179,7 @@ class Catalog:
         blobs = await asyncio.gather(*(self.store.read_file(n) for n in names))
         loop = asyncio.get_running_loop()
         entries = await loop.run_in_executor(None, self._replay, blobs, names)
-        self.entries = entries
+        self._replace(entries)
         self._seen_segments = list(names)
         logger.info("Catalog of %s: %d stored keys from %d segments", self.store.url, len(entries), len(names))
         if len(names) > COMPACT_AFTER:
@@ -211,9 +223,9 @@ class Catalog:
                     return key, None
 
         heads = await asyncio.gather(*map(head, listing))
-        self.entries = {
-            k: Entry(h.token, listing[k], h.created) for k, h in heads if h is not None
-        }
+        self._replace(
+            {k: Entry(h.token, listing[k], h.created) for k, h in heads if h is not None}
+        )
         self._pending = {}
         old = await self.store.list_files(MANIFEST)
         self._seen_segments = old

@@ -7,6 +7,7 @@ Registered through the ``dask_cli`` entry point, so it appears as ``dask storage
     dask storage gc URL --older-than 7d      delete by a retention rule (--dry-run first)
     dask storage verify URL [--delete]       read every object and check its checksum
     dask storage rebuild-catalog URL         recreate the manifest from a listing
+    dask storage status SCHEDULER_ADDRESS    task RAM and stored bytes of a running cluster
 
 Every command takes ``--storage-option key=value`` (repeatable) for the filesystem.
 The catalog (``manifest/``) is what ``ls``, ``du`` and ``gc`` read: fast even for
@@ -227,3 +228,57 @@ def rebuild_catalog(url: str, storage_options: tuple[str, ...]) -> None:
 
     n = _run(url, storage_options, work)
     click.echo(f"Catalog rebuilt: {n} stored results")
+
+
+@storage.command("status")
+@click.argument("scheduler_address")
+@click.option("--timeout", default="30s", show_default=True, help="How long to wait for the scheduler")
+def status(scheduler_address: str, timeout: str) -> None:
+    """Task RAM and stored bytes per worker of a running cluster, and the store's totals."""
+    from distributed import Client
+
+    try:
+        with Client(scheduler_address, timeout=timeout, set_as_default=False) as client:
+            try:
+                st = client.sync(client.scheduler.storage_status)
+            except Exception as e:
+                raise click.ClickException(
+                    f"storage_scheduler is not running on {scheduler_address} ({e})"
+                ) from e
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the scheduler at {scheduler_address}: {e}") from e
+    b = format_bytes
+    click.echo(f"store: {st['url']}  ({'writing' if st['writing'] else 'not writing new results'})")
+    click.echo(
+        f"held by this cluster: {st['keys_in_lanes']} keys, {b(st['bytes_in_lanes'])}; "
+        f"in the store: {st['catalog_keys']} keys, {b(st['catalog_bytes'])}; "
+        f"reused: {st['reused_total']}; recomputed (lost/corrupt): {st['unreadable_total']}"
+    )
+    header = ("worker", "RAM results", "RAM tasks", "written", "read", "failures", "fallbacks")
+    rows = [
+        (
+            w["name"],
+            b(w["results_ram"]),
+            b(w["tasks_ram"]),
+            b(w["bytes_written"]),
+            b(w["bytes_read"]),
+            str(w["write_failures"]),
+            str(w["not_stored"]),
+        )
+        for w in st["workers"]
+    ]
+    ws = st["workers"]
+    rows.append(
+        (
+            "total",
+            b(sum(w["results_ram"] for w in ws)),
+            b(sum(w["tasks_ram"] for w in ws)),
+            b(sum(w["bytes_written"] for w in ws)),
+            b(sum(w["bytes_read"] for w in ws)),
+            str(sum(w["write_failures"] for w in ws)),
+            str(sum(w["not_stored"] for w in ws)),
+        )
+    )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))

@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from distributed.comm.core import Comm, CommClosedError, Connector, FatalCommClosedError
 from distributed.comm.registry import Backend
+from distributed.protocol.serialize import Serialized
+from dask.sizeof import sizeof
 from distributed.core import error_message
 
 from storage_scheduler._exceptions import MissingObjectError
@@ -89,6 +92,8 @@ class StoreRegistry:
     """
 
     _entries: dict[str, list[_Entry]] = field(default_factory=dict)
+    #: Bytes (in memory, as dask sizes them) that lanes served, by requester address.
+    bytes_served: Counter[str] = field(default_factory=Counter)
 
     def register(self, store_id: str, store: Store, listener: UnreadableListener | None) -> None:
         self._entries.setdefault(store_id, []).append(_Entry(store, listener))
@@ -145,7 +150,7 @@ class StorageComm(Comm):
             self._reply = loop.create_future()
             self._reply.set_result(self.handshake_info())
         elif isinstance(msg, dict) and msg.get("op") == "get_data":
-            self._reply = asyncio.ensure_future(self._get_data(list(msg["keys"])))
+            self._reply = asyncio.ensure_future(self._get_data(list(msg["keys"]), msg.get("who")))
         elif isinstance(msg, dict) and msg.get("reply", True):
             self._reply = loop.create_future()
             self._reply.set_result(
@@ -154,7 +159,7 @@ class StorageComm(Comm):
         # Anything else ("OK" after get_data, fire-and-forget ops) needs no answer.
         return 0
 
-    async def _get_data(self, keys: list[Any]) -> dict[str, Any]:
+    async def _get_data(self, keys: list[Any], who: str | None) -> dict[str, Any]:
         read = self._store.get if self.deserialize else self._store.get_serialized
         results = await asyncio.gather(*map(read, keys), return_exceptions=True)
         data: dict[Any, Any] = {}
@@ -168,6 +173,13 @@ class StorageComm(Comm):
                     logger.warning("Cannot read the stored result of %r: %s", key, result)
             else:
                 data[key] = result
+        if who is not None:
+            # Attributed to the requester: in an in-process cluster, every worker's
+            # reads go through the first store registered in the process.
+            registry.bytes_served[who] += sum(
+                sum(map(len, v.frames)) if isinstance(v, Serialized) else sizeof(v)
+                for v in data.values()
+            )
         if unreadable:
             registry.report_unreadable(self._store_id, unreadable)
         return {"status": "OK", "data": data}

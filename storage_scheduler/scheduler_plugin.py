@@ -41,6 +41,7 @@ Uses private scheduler API (the ``WorkerState`` constructor, ``add_replica``,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -67,7 +68,11 @@ from storage_scheduler.comm import is_lane, lane_addresses, registry, store_id_f
 from storage_scheduler.config import RoutingSettings, StoreSettings, parse_storage_options
 from storage_scheduler.store import Store
 from storage_scheduler.tokens import task_token
+from storage_scheduler.dashboard import add_dashboard_page
+from storage_scheduler.metrics import register_scheduler_plugin as register_metrics
+from storage_scheduler.metrics import unregister_scheduler_plugin as unregister_metrics
 from storage_scheduler.worker_plugin import (
+    HEARTBEAT_KEY,
     METADATA_KEY,
     PLUGIN_NAME,
     StorageWorkerPlugin,
@@ -85,6 +90,8 @@ logger = logging.getLogger(__name__)
 #: Seconds a cluster's lease protects the keys it holds from other clusters' deletions;
 #: renewed at half-life while the scheduler runs.
 LEASE_TTL = 60.0
+#: Catalog segments a running scheduler writes before folding them into one snapshot.
+COMPACT_EVERY = 1000
 
 
 class LaneAwareReduceReplicas(ActiveMemoryManagerPolicy):
@@ -157,6 +164,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     _background: asyncio.Task[None] | None
     #: Whether workers store new results (``storage_scheduler.disable`` turns it off).
     writing: bool
+    #: Bytes of the objects workers reported stored, since start.
+    stored_bytes_total: int
+    #: (time, bytes stored so far, bytes read by workers so far), sampled every second.
+    history: collections.deque[tuple[float, int, int]]
     _lease_written: frozenset[Any]
     _lease_expires: float
 
@@ -182,6 +193,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self._lease_written = frozenset()
         self._lease_expires = 0.0
         self.writing = True
+        self.stored_bytes_total = 0
+        self.history = collections.deque(maxlen=600)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,6 +228,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
+        scheduler.handlers["storage_status"] = self.storage_status
         self._install_amm_policy()
         self._background = asyncio.create_task(self._maintain())
         try:
@@ -223,6 +237,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             await scheduler.unregister_worker_plugin(None, PLUGIN_NAME)
             await self.close()
             raise
+        register_metrics(self)
+        add_dashboard_page(scheduler, self)
         logger.info(
             "Storing results in %s (%d lanes, results=%s, prefer=%s)",
             self.settings.url,
@@ -276,10 +292,12 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             await self.store.delete_files([self._lease_name])
         except Exception as e:
             logger.warning("Could not save the catalog to %s at close: %s", self.settings.url, e)
+        unregister_metrics(self)
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
         self.scheduler.handlers.pop("storage_info", None)
         self.scheduler.handlers.pop("storage_set_writing", None)
+        self.scheduler.handlers.pop("storage_status", None)
         self._uninstall_amm_policy()
         self.store.close()
 
@@ -354,6 +372,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             return
         self.scheduler.add_replica(ts, self.lane_for(key))
         if "token" in stored:
+            self.stored_bytes_total += stored["nbytes"]
             token = stored["token"]
             if self.routing.lineage:
                 token = self._lineage_token(ts, {}, own=token, use_catalog=True)
@@ -507,10 +526,23 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             except Exception as e:
                 logger.warning("Storage maintenance on %s failed (will retry): %s", self.settings.url, e)
 
+    def _sample(self) -> None:
+        now = time.time()
+        if self.history and now - self.history[-1][0] < 1.0:
+            return
+        read = sum(
+            ws.metrics.get(HEARTBEAT_KEY, {}).get("bytes_read", 0)
+            for ws in self.scheduler.workers.values()
+        )
+        self.history.append((now, self.stored_bytes_total, read))
+
     async def _maintain_once(self) -> None:
+        self._sample()
         if self._doomed:
             await self._delete_doomed()
         await self.catalog.flush()
+        if self.catalog.segments_since_compaction > COMPACT_EVERY:
+            await self.catalog.compact()  # a long-running cluster flushes many segments
         held = frozenset(ts.key for ws in self._lane_list for ts in ws.has_what)
         now = time.time()
         if held != self._lease_written or now > self._lease_expires - LEASE_TTL / 2:
@@ -560,6 +592,27 @@ class StorageSchedulerPlugin(SchedulerPlugin):
                 recommendations, stimulus_id or f"storage-unreadable-{time.time()}"
             )
 
+    def storage_status(self) -> dict[str, Any]:
+        """The store and every worker's use of it: ``dask storage status`` and the page."""
+        workers = []
+        for ws in sorted(self.scheduler.workers.values(), key=lambda w: w.address):
+            traffic = ws.metrics.get(HEARTBEAT_KEY, {})
+            memory = ws.memory
+            workers.append(
+                {
+                    "address": ws.address,
+                    "name": str(ws.name),
+                    "results_ram": memory.managed,
+                    "tasks_ram": memory.unmanaged,
+                    "memory_limit": ws.memory_limit,
+                    **{k: traffic.get(k, 0) for k in (
+                        "bytes_written", "objects_written", "bytes_read",
+                        "write_failures", "not_stored", "writes_in_flight",
+                    )},  # fmt: skip
+                }
+            )
+        return {**self.storage_info(), "workers": workers, "history": list(self.history)}
+
     def storage_info(self) -> dict[str, Any]:
         """What the store holds for this cluster, for clients and ``dask storage``."""
         return {
@@ -574,6 +627,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             "deleted_total": self.deleted_total,
             "catalog_keys": len(self.catalog),
             "catalog_bytes": self.catalog.nbytes,
+            "stored_bytes_total": self.stored_bytes_total,
             "writing": self.writing,
             "results": self.routing.results,
             "prefer": self.routing.prefer,

@@ -20,12 +20,13 @@ import errno
 import logging
 import mmap
 import os
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
@@ -60,6 +61,25 @@ def _is_transient(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
 
 
+#: Upper bounds (seconds) of the latency histogram buckets.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, float("inf"))
+
+
+@dataclass
+class LatencyHistogram:
+    """Durations of store operations, in the buckets of :data:`LATENCY_BUCKETS`."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+
+
 @dataclass
 class StoreCounters:
     """What one :class:`Store` instance has done since it was opened."""
@@ -68,6 +88,11 @@ class StoreCounters:
     bytes_written: int = 0
     objects_read: int = 0
     bytes_read: int = 0
+    #: Writes (serialization included) and reads (deserialization included) under way.
+    writes_in_flight: int = 0
+    reads_in_flight: int = 0
+    write_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
+    read_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class Store:
@@ -257,11 +282,18 @@ class Store:
             tok = token() if callable(token) else token
             return serialize.encode(key, value, token=tok, compression=compression)
 
-        frames = await self._in_thread(encode)
-        await self._retrying("write", path, lambda: self._write(path, frames))
+        counters = self.counters
+        counters.writes_in_flight += 1
+        start = time.perf_counter()
+        try:
+            frames = await self._in_thread(encode)
+            await self._retrying("write", path, lambda: self._write(path, frames))
+        finally:
+            counters.writes_in_flight -= 1
+        counters.write_seconds.observe(time.perf_counter() - start)
         nbytes = sum(memoryview(f).nbytes for f in frames)
-        self.counters.objects_written += 1
-        self.counters.bytes_written += nbytes
+        counters.objects_written += 1
+        counters.bytes_written += nbytes
         return nbytes
 
     async def read(self, key: object) -> tuple[serialize.ObjectHeader, memoryview]:
@@ -290,17 +322,24 @@ class Store:
         self, key: object, then: Callable[[serialize.ObjectHeader, memoryview], T]
     ) -> T:
         path = self.path(key)
-        try:
-            data = await self._retrying("read", path, lambda: self._read(path))
-        except FileNotFoundError as e:
-            raise MissingObjectError(
-                errno.ENOENT, f"no stored result for key {key!r}", self._where(path)
-            ) from e
         where = self._where(path)
-        # Verify and decode in one trip to the thread pool: both are CPU work.
-        out = await self._in_thread(lambda: then(*serialize.verify(data, key, where)))
-        self.counters.objects_read += 1
-        self.counters.bytes_read += len(data)
+        counters = self.counters
+        counters.reads_in_flight += 1
+        start = time.perf_counter()
+        try:
+            try:
+                data = await self._retrying("read", path, lambda: self._read(path))
+            except FileNotFoundError as e:
+                raise MissingObjectError(
+                    errno.ENOENT, f"no stored result for key {key!r}", where
+                ) from e
+            # Verify and decode in one trip to the thread pool: both are CPU work.
+            out = await self._in_thread(lambda: then(*serialize.verify(data, key, where)))
+        finally:
+            counters.reads_in_flight -= 1
+        counters.read_seconds.observe(time.perf_counter() - start)
+        counters.objects_read += 1
+        counters.bytes_read += len(data)
         return out
 
     async def head(self, key: object) -> serialize.ObjectHeader:
@@ -430,6 +469,8 @@ class Store:
             ``storage-scheduler.connect-timeout``; the message names the URL and the cause.
         """
         key = ("storage-scheduler-probe", uuid.uuid4().hex)
+        counted = self.counters
+        self.counters = StoreCounters()  # the probe is not traffic worth reporting
 
         async def probe() -> None:
             await self.put(key, b"probe")
@@ -445,6 +486,8 @@ class Store:
             ) from e
         except Exception as e:
             raise StoreUnavailableError(f"store {self.url!r} is not usable: {_describe(e)}") from e
+        finally:
+            self.counters = counted
 
 
 def _empty_buffer(size: int) -> Any:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distributed import Reschedule
+from dask.sizeof import sizeof
 from dask.utils import key_split
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils import sync
@@ -36,6 +37,7 @@ from distributed.worker_state_machine import WorkerState as _WorkerState
 
 from storage_scheduler.comm import is_lane, registry
 from storage_scheduler.config import RoutingSettings, StoreSettings
+from storage_scheduler.metrics import register_worker_plugin, unregister_worker_plugin
 from storage_scheduler._exceptions import StoreError
 from storage_scheduler.store import Store
 from storage_scheduler.tokens import task_token
@@ -50,6 +52,8 @@ logger = logging.getLogger(__name__)
 PLUGIN_NAME = "storage-scheduler"
 #: Key of the task-finished metadata that tells the scheduler a result was stored.
 METADATA_KEY = "storage-scheduler"
+#: Key of this plugin's figures in worker heartbeats (``WorkerState.metrics``).
+HEARTBEAT_KEY = "storage"
 #: After the store fails a write, results skip it for this long (seconds): a store that
 #: is down must not hold every task's thread slot through a round of retries.
 DEGRADED_BACKOFF = 10.0
@@ -105,6 +109,8 @@ class WorkerStats:
     not_stored: int = 0
     #: Writes that failed (serialization or store errors).
     write_failures: int = 0
+    #: Bytes (in memory) of requested keys loaded from the store instead of computed.
+    bytes_loaded: int = 0
 
 
 class StorageWorkerPlugin(WorkerPlugin):
@@ -183,6 +189,9 @@ class StorageWorkerPlugin(WorkerPlugin):
 
         self._original_execute = worker.execute
         worker.execute = self._execute  # type: ignore[method-assign]
+        # Sent with every heartbeat: the scheduler's view of each worker's store traffic.
+        worker.metrics[HEARTBEAT_KEY] = self.heartbeat_metrics
+        register_worker_plugin(self)
         state_class = StoreFirstWorkerState if self.routing.prefer == "store" else PeerFirstWorkerState
         self._original_state_class = type(worker.state)
         worker.state.__class__ = state_class
@@ -194,6 +203,8 @@ class StorageWorkerPlugin(WorkerPlugin):
         )
 
     async def teardown(self, worker: Worker) -> None:
+        unregister_worker_plugin(self)
+        worker.metrics.pop(HEARTBEAT_KEY, None)
         if self._original_execute is not None:
             worker.execute = self._original_execute  # type: ignore[method-assign]
         if self._original_state_class is not None:
@@ -201,6 +212,23 @@ class StorageWorkerPlugin(WorkerPlugin):
         if self.store is not None:
             registry.unregister(self.store_id, self.store)
             self.store.close()
+
+    def heartbeat_metrics(self, worker: Worker | None = None) -> dict[str, Any]:
+        """This worker's store traffic, as sent to the scheduler with each heartbeat."""
+        c = self.store.counters if self.store is not None else None
+        return {
+            "bytes_written": c.bytes_written if c else 0,
+            "objects_written": c.objects_written if c else 0,
+            "bytes_read": self.bytes_read(),
+            "writes_in_flight": c.writes_in_flight if c else 0,
+            "write_failures": self.stats.write_failures,
+            "not_stored": self.stats.not_stored,
+        }
+
+    def bytes_read(self) -> int:
+        """Bytes this worker took from the store: inputs fetched from lanes, loaded keys."""
+        address = self._worker.address if self._worker is not None else None
+        return registry.bytes_served.get(address, 0) + self.stats.bytes_loaded
 
     # ----------------------------------------------------------------- write path
 
@@ -325,7 +353,9 @@ def load_stored(key: Any) -> Any:
     if not isinstance(plugin, StorageWorkerPlugin) or plugin.store is None:
         raise Reschedule()
     try:
-        return sync(worker.loop, plugin.store.get, key)
+        value = sync(worker.loop, plugin.store.get, key)
+        plugin.stats.bytes_loaded += sizeof(value)
+        return value
     except (OSError, StoreError) as e:
         logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
         worker.loop.add_callback(plugin._report_unreadable, [key])

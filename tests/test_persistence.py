@@ -101,7 +101,7 @@ def test_resume_after_crash(tmp_path: Path) -> None:
     marks = tmp_path / "runs"
     marks.mkdir()
     url = f"file://{tmp_path}/store"
-    env = {"DASK_STORAGE_SCHEDULER__FLUSH_INTERVAL": "100ms"}
+    env = {"DASK_STORAGE_SCHEDULER__FLUSH_INTERVAL": "20ms"}
     t = tree(str(marks), n=128, delay=0.05)  # 255 tasks, ~0.05 s each on 2 threads
     with CommandLineCluster(tmp_path / "s0", url, env=env) as cluster:
         with Client(scheduler_file=str(cluster.scheduler_file)) as c:
@@ -119,7 +119,7 @@ def test_resume_after_crash(tmp_path: Path) -> None:
         assert c.compute(t).result() == sum(range(128))
     second = sum(runs(marks).values()) - done_at_kill
     # Only the unfinished tasks ran again, give or take those in flight at the kill
-    # (two threads) and those finished in the last catalog flush interval.
+    # (two threads) and those finished in the last catalog flush interval (20 ms here).
     assert 255 - done_at_kill <= second <= 255 - done_at_kill + 8, (done_at_kill, second)
 
 
