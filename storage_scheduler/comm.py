@@ -35,6 +35,7 @@ from distributed.comm.registry import Backend
 from distributed.protocol.serialize import Serialized
 from dask.sizeof import sizeof
 from distributed.core import error_message
+from distributed.metrics import context_meter
 
 from storage_scheduler._exceptions import MissingObjectError
 from storage_scheduler.store import Store
@@ -161,7 +162,9 @@ class StorageComm(Comm):
 
     async def _get_data(self, keys: list[Any], who: str | None) -> dict[str, Any]:
         read = self._store.get if self.deserialize else self._store.get_serialized
-        results = await asyncio.gather(*map(read, keys), return_exceptions=True)
+        # Shows in Dask's fine performance metrics as gather-dep / store-read.
+        with context_meter.meter("store-read", "seconds"):
+            results = await asyncio.gather(*map(read, keys), return_exceptions=True)
         data: dict[Any, Any] = {}
         unreadable: list[Any] = []
         for key, result in zip(keys, results):
@@ -173,13 +176,16 @@ class StorageComm(Comm):
                     logger.warning("Cannot read the stored result of %r: %s", key, result)
             else:
                 data[key] = result
+        nbytes = sum(
+            sum(map(len, v.frames)) if isinstance(v, Serialized) else sizeof(v)
+            for v in data.values()
+        )
+        context_meter.digest_metric("store-read", len(data), "count")
+        context_meter.digest_metric("store-read", nbytes, "bytes")
         if who is not None:
             # Attributed to the requester: in an in-process cluster, every worker's
             # reads go through the first store registered in the process.
-            registry.bytes_served[who] += sum(
-                sum(map(len, v.frames)) if isinstance(v, Serialized) else sizeof(v)
-                for v in data.values()
-            )
+            registry.bytes_served[who] += nbytes
         if unreadable:
             registry.report_unreadable(self._store_id, unreadable)
         return {"status": "OK", "data": data}

@@ -30,6 +30,7 @@ from distributed import Reschedule
 from dask.sizeof import sizeof
 from dask.utils import key_split
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.metrics import context_meter
 from distributed.utils import sync
 from distributed.worker import get_worker
 from distributed.worker_state_machine import ExecuteSuccessEvent, StateMachineEvent
@@ -276,10 +277,14 @@ class StorageWorkerPlugin(WorkerPlugin):
         salt = (self.routing.version, (ts.annotations or {}).get("storage_version"))
         spec = ts.run_spec
         try:
-            nbytes, token = await self._put(key, value, lambda: task_token(spec, salt))
+            # Shows in Dask's fine performance metrics as execute / <prefix> / store-write.
+            with context_meter.meter("store-write", "seconds"):
+                nbytes, token = await self._put(key, value, lambda: task_token(spec, salt))
         except Exception as e:
             self._write_failed(key, e)
             return
+        context_meter.digest_metric("store-write", 1, "count")
+        context_meter.digest_metric("store-write", nbytes, "bytes")
         # Travels with the task-finished message to SchedulerPlugin.transition.
         ts.metadata[METADATA_KEY] = {"nbytes": nbytes, "token": token}
         self.stats.stored += 1

@@ -148,3 +148,19 @@ def test_status_command_errors() -> None:
         [exe, "storage", "status", "tcp://127.0.0.1:1", "--timeout", "2s"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode != 0 and "tcp://127.0.0.1:1" in out.stderr
+
+
+@gen_test(timeout=60)
+async def test_fine_performance_metrics(tmp_path: Path) -> None:
+    """Store writes and reads show in Dask's fine performance metrics, like spilling."""
+    async with storage_cluster(str(tmp_path / "store")) as (c, s, plugin):
+        a, b = sorted(s.workers)
+        x = c.submit(np.ones, 100_000, key="x", workers=[a])
+        y = c.submit(np.sum, x, key="y", workers=[b])
+        assert await y == 100_000
+        digests = await c.run(lambda dask_worker: list(dask_worker.digests_total))
+        writes = [k for k in digests[a] if isinstance(k, tuple) and "store-write" in k]
+        assert {k[-1] for k in writes} >= {"seconds", "count", "bytes"}
+        assert any(k[0] == "execute" and k[2] == "x" for k in writes)
+        reads = [k for k in digests[b] if isinstance(k, tuple) and "store-read" in k]
+        assert any(k[0] == "gather-dep" for k in reads)
