@@ -90,6 +90,7 @@ logger = logging.getLogger(__name__)
 #: Seconds a cluster's lease protects the keys it holds from other clusters' deletions;
 #: renewed at half-life while the scheduler runs.
 LEASE_TTL = 60.0
+LEASE_MIN_INTERVAL = 2.0
 #: Catalog segments a running scheduler writes before folding them into one snapshot.
 COMPACT_EVERY = 1000
 
@@ -519,12 +520,21 @@ class StorageSchedulerPlugin(SchedulerPlugin):
 
     async def _maintain(self) -> None:
         """Background: write catalog changes, the lease, and delete doomed objects."""
+        failing = False
         while True:
             await asyncio.sleep(self.routing.flush_interval)
             try:
                 await self._maintain_once()
             except Exception as e:
-                logger.warning("Storage maintenance on %s failed (will retry): %s", self.settings.url, e)
+                if not failing:  # once per outage, not every interval
+                    logger.warning(
+                        "Cannot update the catalog in %s (will retry): %s", self.settings.url, e
+                    )
+                failing = True
+            else:
+                if failing:
+                    logger.warning("The catalog in %s is up to date again", self.settings.url)
+                failing = False
 
     def _sample(self) -> None:
         now = time.time()
@@ -545,7 +555,12 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             await self.catalog.compact()  # a long-running cluster flushes many segments
         held = frozenset(ts.key for ws in self._lane_list for ts in ws.has_what)
         now = time.time()
-        if held != self._lease_written or now > self._lease_expires - LEASE_TTL / 2:
+        # Rewritten when what the lanes hold changed, and at half-life in any case. A big
+        # lease (it lists every key) is rewritten at most every LEASE_MIN_INTERVAL.
+        changed = held != self._lease_written
+        due = now > self._lease_expires - LEASE_TTL / 2
+        throttled = len(held) > 10_000 and now < self._lease_expires - LEASE_TTL + LEASE_MIN_INTERVAL
+        if due or (changed and not throttled):
             await write_lease(self.store, self._lease_name, held, now + LEASE_TTL)
             self._lease_written = held
             self._lease_expires = now + LEASE_TTL
