@@ -177,25 +177,25 @@ class StorageWorkerPlugin(WorkerPlugin):
     # ------------------------------------------------------------------ lifecycle
 
     async def setup(self, worker: Worker) -> None:
+        # Install everything before the first await: a worker joining a cluster is already
+        # running (it may receive tasks) while its plugins are set up.
         settings = _overrides.get(worker, self.settings)
-        store = Store(settings)
-        try:
-            await store.check()  # a worker that cannot reach the store says so now
-        except Exception:
-            store.close()
-            raise
-        self.store = store
+        self.store = Store(settings)
         self._worker = worker
         registry.register(self.store_id, self.store, self._report_unreadable)
-
         self._original_execute = worker.execute
         worker.execute = self._execute  # type: ignore[method-assign]
-        # Sent with every heartbeat: the scheduler's view of each worker's store traffic.
-        worker.metrics[HEARTBEAT_KEY] = self.heartbeat_metrics
-        register_worker_plugin(self)
         state_class = StoreFirstWorkerState if self.routing.prefer == "store" else PeerFirstWorkerState
         self._original_state_class = type(worker.state)
         worker.state.__class__ = state_class
+        # Sent with every heartbeat: the scheduler's view of each worker's store traffic.
+        worker.metrics[HEARTBEAT_KEY] = self.heartbeat_metrics
+        register_worker_plugin(self)
+        try:
+            await self.store.check()  # a worker that cannot reach the store says so now
+        except Exception:
+            await self.teardown(worker)
+            raise
         logger.info(
             "Worker %s %s results in %s",
             worker.address,
@@ -208,11 +208,14 @@ class StorageWorkerPlugin(WorkerPlugin):
         worker.metrics.pop(HEARTBEAT_KEY, None)
         if self._original_execute is not None:
             worker.execute = self._original_execute  # type: ignore[method-assign]
+            self._original_execute = None
         if self._original_state_class is not None:
             worker.state.__class__ = self._original_state_class
+            self._original_state_class = None
         if self.store is not None:
             registry.unregister(self.store_id, self.store)
             self.store.close()
+            self.store = None
 
     def heartbeat_metrics(self, worker: Worker | None = None) -> dict[str, Any]:
         """This worker's store traffic, as sent to the scheduler with each heartbeat."""
@@ -261,7 +264,8 @@ class StorageWorkerPlugin(WorkerPlugin):
         return event
 
     async def _store_result(self, key: Any, value: object) -> None:
-        assert self._worker is not None
+        if self._worker is None or self.store is None:
+            return  # torn down while the task ran
         if not self._wants_stored(key):
             return
         if time.monotonic() < self._skip_until:

@@ -87,8 +87,9 @@ def run_shell_cluster(code: str, cwd: Path, env: dict[str, str] | None = None) -
                 time.sleep(0.1)
         with Client(scheduler_file=str(cwd / "scheduler.json"), timeout=60) as c:
             c.wait_for_workers(1, timeout=60)
-            assert c.submit(sum, [1, 2, 3], key="readme-sum").result() == 6
-            assert any(h.startswith("storage://") for h in c.who_has()["readme-sum"])
+            future = c.submit(sum, [1, 2, 3], key="readme-sum")
+            assert future.result() == 6
+            assert any(h.startswith("storage://") for h in c.who_has([future])["readme-sum"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
