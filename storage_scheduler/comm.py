@@ -30,12 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dask.sizeof import sizeof
 from distributed.comm.core import Comm, CommClosedError, Connector, FatalCommClosedError
 from distributed.comm.registry import Backend
-from distributed.protocol.serialize import Serialized
-from dask.sizeof import sizeof
 from distributed.core import error_message
 from distributed.metrics import context_meter
+from distributed.protocol.serialize import Serialized
 
 from storage_scheduler._exceptions import MissingObjectError
 from storage_scheduler.store import Store

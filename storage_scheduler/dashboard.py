@@ -109,7 +109,10 @@ def render_page(status: dict[str, Any]) -> str:
             f'<span class="bar stored" style="width:{stored_px}px"></span></td>'
             "</tr>"
         )
-    total = lambda k: sum(w[k] for w in workers)  # noqa: E731
+
+    def total(field: str) -> int:
+        return sum(w[field] for w in workers)
+
     rows.append(
         '<tr class="total"><td>total</td>'
         f"<td>{b(total('results_ram'))}</td><td>{b(total('tasks_ram'))}</td>"

@@ -46,11 +46,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from dask._task_spec import Task
-
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy,
     ReduceReplicas,
@@ -66,11 +65,11 @@ from storage_scheduler._exceptions import StorageSchedulerError
 from storage_scheduler.catalog import Catalog, keys_leased_by_others, write_lease
 from storage_scheduler.comm import is_lane, lane_addresses, registry, store_id_for
 from storage_scheduler.config import RoutingSettings, StoreSettings, parse_storage_options
-from storage_scheduler.store import Store
-from storage_scheduler.tokens import task_token
 from storage_scheduler.dashboard import add_dashboard_page
 from storage_scheduler.metrics import register_scheduler_plugin as register_metrics
 from storage_scheduler.metrics import unregister_scheduler_plugin as unregister_metrics
+from storage_scheduler.store import Store
+from storage_scheduler.tokens import task_token
 from storage_scheduler.worker_plugin import (
     HEARTBEAT_KEY,
     METADATA_KEY,

@@ -26,9 +26,9 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from distributed import Reschedule
 from dask.sizeof import sizeof
 from dask.utils import key_split
+from distributed import Reschedule
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.metrics import context_meter
 from distributed.utils import sync
@@ -36,10 +36,10 @@ from distributed.worker import get_worker
 from distributed.worker_state_machine import ExecuteSuccessEvent, StateMachineEvent
 from distributed.worker_state_machine import WorkerState as _WorkerState
 
+from storage_scheduler._exceptions import StoreError
 from storage_scheduler.comm import is_lane, registry
 from storage_scheduler.config import RoutingSettings, StoreSettings
 from storage_scheduler.metrics import register_worker_plugin, unregister_worker_plugin
-from storage_scheduler._exceptions import StoreError
 from storage_scheduler.store import Store
 from storage_scheduler.tokens import task_token
 
