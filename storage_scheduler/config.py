@@ -160,6 +160,10 @@ class RoutingSettings:
     flush_interval: float = 0.5
     #: Also require the tokens of every upstream task to match before reusing a result.
     lineage: bool = False
+    #: When workers drop in-memory copies of stored results: never, pressure, always.
+    memory_relief: str = "pressure"
+    #: Managed memory, as a fraction of the memory limit, above which ``pressure`` drops.
+    relief_threshold: float = 0.5
 
     @classmethod
     def from_config(cls, lanes: int | None = None) -> RoutingSettings:
@@ -172,7 +176,18 @@ class RoutingSettings:
             gc=str(cfg.get("gc", "intermediates")),
             flush_interval=float(parse_timedelta(cfg.get("flush-interval", "500ms"))),
             lineage=bool(cfg.get("lineage", False)),
+            memory_relief=str(cfg.get("memory-relief", "pressure")),
+            relief_threshold=float(cfg.get("relief-threshold", 0.5)),
         )
+        if out.memory_relief not in ("never", "pressure", "always"):
+            raise StorageConfigError(
+                "storage-scheduler.memory-relief must be 'never', 'pressure' or 'always', "
+                f"got {out.memory_relief!r}"
+            )
+        if not 0 <= out.relief_threshold <= 1:
+            raise StorageConfigError(
+                f"storage-scheduler.relief-threshold must be in [0, 1], got {out.relief_threshold!r}"
+            )
         if out.gc not in ("intermediates", "never"):
             raise StorageConfigError(
                 f"storage-scheduler.gc must be 'intermediates' or 'never', got {out.gc!r}"

@@ -50,18 +50,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from dask._task_spec import Task
-from distributed.active_memory_manager import (
-    ActiveMemoryManagerPolicy,
-    ReduceReplicas,
-    Suggestion,
-    SuggestionGenerator,
-)
+from distributed.active_memory_manager import ReduceReplicas
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.scheduler import TaskState, WorkerState
 
 from storage_scheduler._exceptions import StorageSchedulerError
+from storage_scheduler.amm import LaneAwareReduceReplicas, MemoryRelief
 from storage_scheduler.catalog import Catalog, keys_leased_by_others, write_lease
 from storage_scheduler.comm import is_lane, lane_addresses, registry, store_id_for
 from storage_scheduler.config import RoutingSettings, StoreSettings, parse_storage_options
@@ -82,7 +78,7 @@ from storage_scheduler.worker_plugin import (
 if TYPE_CHECKING:
     from distributed import Scheduler
 
-__all__ = ["LaneAwareReduceReplicas", "StorageSchedulerPlugin"]
+__all__ = ["StorageSchedulerPlugin"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,29 +88,6 @@ LEASE_TTL = 60.0
 LEASE_MIN_INTERVAL = 2.0
 #: Catalog segments a running scheduler writes before folding them into one snapshot.
 COMPACT_EVERY = 1000
-
-
-class LaneAwareReduceReplicas(ActiveMemoryManagerPolicy):
-    """``ReduceReplicas`` that counts and drops only worker replicas, never lanes.
-
-    The stock policy offers every holder as a drop candidate, and the memory manager
-    looks lanes up among the workers (``KeyError``). Here a stored key keeps one replica
-    in worker memory, like an unstored one, plus as many as there are dependents waiting.
-    """
-
-    def run(self) -> SuggestionGenerator:
-        for ts in self.manager.scheduler.replicated_tasks:
-            assert ts.who_has
-            workers = {ws for ws in ts.who_has if not is_lane(ws.address)}
-            if len(workers) < 2:
-                continue
-            nwaiters = len({w.processing_on or w for w in ts.waiters or ()})
-            ndrop = len(workers) - max(1, nwaiters)
-            if ts in self.manager.pending:
-                pending_repl, pending_drop = self.manager.pending[ts]
-                ndrop += len(pending_repl) - len(pending_drop)
-            for _ in range(ndrop):
-                yield Suggestion("drop", ts, workers)
 
 
 class StorageSchedulerPlugin(SchedulerPlugin):
@@ -323,6 +296,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             if type(policy) is ReduceReplicas:
                 amm.policies.discard(policy)
                 amm.add_policy(LaneAwareReduceReplicas())
+        if self.routing.memory_relief != "never":
+            amm.add_policy(MemoryRelief(self.routing.memory_relief, self.routing.relief_threshold))
 
     def _uninstall_amm_policy(self) -> None:
         amm = self.scheduler.extensions.get("amm")
@@ -332,6 +307,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             if type(policy) is LaneAwareReduceReplicas:
                 amm.policies.discard(policy)
                 amm.add_policy(ReduceReplicas())
+            elif type(policy) is MemoryRelief:
+                amm.policies.discard(policy)
 
     def restart(self, scheduler: Scheduler) -> None:
         # Scheduler.restart forgets all tasks (without transitions) but only clears the

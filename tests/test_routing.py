@@ -17,7 +17,7 @@ from distributed.utils_test import captured_logger, gen_cluster, inc
 
 from storage_scheduler import Store, StoreUnavailableError
 from storage_scheduler.comm import is_lane
-from storage_scheduler.scheduler_plugin import LaneAwareReduceReplicas
+from storage_scheduler.amm import LaneAwareReduceReplicas
 from tests.utils import enable_storage, lane_keys
 
 CALLS: list[Any] = []

@@ -1,0 +1,104 @@
+"""Memory relief: workers drop in-memory copies of stored results (in-process clusters)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from distributed import wait
+from distributed.utils_test import gen_cluster
+
+from storage_scheduler.comm import is_lane
+from tests.utils import enable_storage
+
+FAST_AMM = {"distributed.scheduler.active-memory-manager.interval": "50ms"}
+MiB = 2**20
+
+
+async def until(condition, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def holders(s, key: str) -> set[str]:  # type: ignore[no-untyped-def]
+    return {ws.address for ws in s.tasks[key].who_has}
+
+
+@gen_cluster(client=True, config={**FAST_AMM, "storage-scheduler.memory-relief": "always"})
+async def test_always_drops_stored_results_from_ram(c, s, a, b, tmp_path: Path) -> None:
+    plugin = await enable_storage(s, str(tmp_path / "store"))
+    x = c.submit(np.full, MiB // 8, 3.0, key="x", workers=[a.address])
+    await wait(x)
+    await until(lambda: "x" not in a.data)
+    assert holders(s, "x") == {plugin.lane_for("x").address}
+    assert s.tasks["x"].state == "memory"
+    assert a.state.nbytes == 0  # managed memory counts only what is really in RAM
+    # Needed again on the same worker: read back from the store.
+    y = c.submit(np.sum, x, key="y", workers=[a.address])
+    assert await y == 3.0 * (MiB // 8)
+    assert any(is_lane(e["who"]) for e in a.transfer_incoming_log)
+    np.testing.assert_array_equal(await c.gather(x), np.full(MiB // 8, 3.0))
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)],
+    worker_kwargs={"memory_limit": 100 * MiB},
+    config={
+        **FAST_AMM,
+        "storage-scheduler.relief-threshold": 0.5,
+        # The worker shares this test process: its RSS says nothing about the limit.
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": False,
+        "distributed.worker.memory.terminate": False,
+    },
+)
+async def test_pressure_drops_until_below_threshold(c, s, a, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    keys = [f"x-{i}" for i in range(8)]
+    xs = c.map(lambda i: np.full(10 * MiB // 8, i, dtype="f8"), range(8), key=keys)
+    await wait(xs)  # 80 MiB held: more than half of the limit
+    await until(lambda: a.state.nbytes <= 50 * MiB)
+    dropped = [k for k in keys if k not in a.data]
+    assert 2 <= len(dropped) <= 5, dropped  # only what it took, oldest first
+    assert dropped == keys[: len(dropped)]
+    totals = await c.gather(c.map(np.sum, xs, key=[f"sum-{k}" for k in keys]))
+    assert totals == [i * (10 * MiB // 8) for i in range(8)]
+
+
+@gen_cluster(client=True, config={**FAST_AMM, "storage-scheduler.memory-relief": "always"})
+async def test_unstored_results_are_never_dropped(c, s, a, b, tmp_path: Path) -> None:
+    await enable_storage(s, str(tmp_path / "store"))
+    with dask.annotate(storage=False):
+        x = c.compute(dask.delayed(np.ones)(1000, dask_key_name="kept-in-ram"))
+    stored = c.submit(np.ones, 1000, key="stored", workers=[a.address])
+    await wait([x, stored])
+    await until(lambda: "stored" not in a.data and "stored" not in b.data)
+    assert "kept-in-ram" in a.data or "kept-in-ram" in b.data
+    assert not any(is_lane(h) for h in holders(s, "kept-in-ram"))
+
+
+@pytest.mark.parametrize("mode", ["never", "pressure"])
+@gen_cluster(client=True, config=FAST_AMM)
+async def test_no_relief_without_pressure(c, s, a, b, tmp_path: Path, mode: str) -> None:
+    with dask.config.set({"storage-scheduler.memory-relief": mode}):
+        await enable_storage(s, str(tmp_path / "store"))
+    x = c.submit(np.ones, 1000, key="x", workers=[a.address])
+    await wait(x)
+    await asyncio.sleep(0.3)  # several AMM rounds
+    assert "x" in a.data
+
+
+def test_bad_relief_settings() -> None:
+    from storage_scheduler import RoutingSettings, StorageConfigError
+
+    for key, value in [("memory-relief", "sometimes"), ("relief-threshold", 2)]:
+        with dask.config.set({f"storage-scheduler.{key}": value}):
+            with pytest.raises(StorageConfigError, match=key):
+                RoutingSettings.from_config()
