@@ -335,6 +335,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
                 self._restore_loader(key)
         elif finish == "forgotten":
             self._forgotten(key)
+        elif start == "memory" and finish == "released":
+            # Nothing needs it any more: stock Dask frees it from RAM; free it from the store.
+            self._maybe_delete(key)
 
     def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:
         stored = metadata.get(METADATA_KEY)
@@ -358,9 +361,12 @@ class StorageSchedulerPlugin(SchedulerPlugin):
 
     def _forgotten(self, key: Any) -> None:
         self._loaders.pop(key, None)
-        wanted = key in self._wanted
+        self._maybe_delete(key)
         self._wanted.discard(key)
-        if wanted or self.routing.gc != "intermediates" or key not in self.catalog:
+
+    def _maybe_delete(self, key: Any) -> None:
+        """Delete an intermediate (a result no client asked for) that nothing needs now."""
+        if key in self._wanted or self.routing.gc != "intermediates" or key not in self.catalog:
             return
         ts = self.scheduler.tasks.get(key)
         if ts is not None and (ts.annotations or {}).get("storage_keep"):

@@ -1,0 +1,148 @@
+"""Rechunk a large array from tall-skinny to short-fat chunks and write it to zarr.
+
+The rechunk that runs clusters out of memory (see the seed essay): every output chunk
+needs a piece of every input chunk. Three runs on the same kind of cluster (2 workers,
+processes with nannies, one thread each, ``--memory-limit`` each), one after the other:
+
+* stock Dask, ``rechunk(method="tasks")``;
+* stock Dask, ``rechunk(method="p2p")`` (distributed's shuffle service);
+* storage_scheduler, ``method="tasks"`` with ``memory-relief: always`` and a local
+  directory store: intermediates live in the store, not in worker RAM.
+
+Reported per run: completed, wall time, worker restarts and pauses, peak RSS per worker,
+bytes spilled; and the storage run's wall time against the faster stock method::
+
+    python benchmarks/rechunk.py [--size-gib 16] [--memory-limit 2GiB] [--json out.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import dask
+import dask.array as da
+import distributed
+from dask.utils import format_bytes, parse_bytes
+from distributed import Client, LocalCluster
+
+from benchmarks.persist_larger_than_memory import Sampler
+
+
+def source(size_gib: float) -> da.Array:
+    side = int((size_gib * 2**30 / 8) ** 0.5)
+    narrow = max(1, (128 * 2**20) // (8 * side))  # ~128 MiB chunks
+    side = side // narrow * narrow
+    return da.random.default_rng(0).random((side, side), chunks=(side, narrow))
+
+
+def run(method: str, size_gib: float, memory_limit: str, work: str, timeout: float) -> dict[str, Any]:
+    storage = method == "storage"
+    config: dict[str, Any] = {"distributed.scheduler.active-memory-manager.interval": "200ms"}
+    scheduler_kwargs: dict[str, Any] = {}
+    if storage:
+        config["storage-scheduler.memory-relief"] = "always"
+        scheduler_kwargs = {
+            "preload": ["storage_scheduler"],
+            "preload_argv": ["--storage-url", f"file://{work}/store"],
+        }
+    x = source(size_gib)
+    narrow = x.chunks[1][0]
+    target = os.path.join(work, f"{method}.zarr")
+    out: dict[str, Any] = {
+        "benchmark": "rechunk",
+        "method": method,
+        "array_bytes": int(x.nbytes),
+        "input_chunks": [x.shape[0], narrow],
+        "output_chunks": [narrow, x.shape[1]],
+        "workers": 2,
+        "memory_limit": parse_bytes(memory_limit),
+    }
+    with dask.config.set(config), LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        memory_limit=memory_limit,
+        processes=True,
+        dashboard_address=":0",
+        scheduler_kwargs=scheduler_kwargs,
+    ) as cluster, Client(cluster) as client:
+        sampler = Sampler(client)
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            y = x.rechunk((narrow, x.shape[1]), method="tasks" if storage else method)
+            future = client.compute(y.to_zarr(target, compute=False))
+            future.result(timeout=timeout)
+            out["completed"] = True
+        except Exception as e:
+            out.update(completed=False, error=f"{type(e).__name__}: {e}"[:300])
+        out["wall_seconds"] = time.perf_counter() - start
+        sampler.stop.set()
+        sampler.join()
+        events = cluster.scheduler.get_events("all")
+        out["pauses"] = sum(
+            1 for _, m in events if isinstance(m, dict) and m.get("action") == "worker-status-change" and m.get("status") == "paused"
+        )
+        out["worker_restarts"] = sum(1 for _, m in events if isinstance(m, dict) and m.get("action") == "remove-worker")
+        spilled = client.run(
+            lambda dask_worker: getattr(dask_worker.data, "spilled_total", (0, 0))[1], on_error="ignore"
+        )
+        out["spilled_bytes"] = int(sum(v for v in spilled.values() if isinstance(v, int)))
+        out["peak_rss"] = sorted(sampler.peaks.values())
+    if out["completed"]:
+        check = da.from_zarr(target)
+        out["checked"] = bool(check.shape == x.shape and float(check[:: max(1, x.shape[0] // 7), 0].sum().compute()) > 0)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-gib", type=float, default=16)
+    parser.add_argument("--memory-limit", default="2GiB")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--methods", nargs="+", default=["tasks", "p2p", "storage"])
+    parser.add_argument("--json", help="append results as JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    rows = []
+    for method in args.methods:
+        work = tempfile.mkdtemp(prefix="rechunk-bench-")
+        try:
+            row = run(method, args.size_gib, args.memory_limit, work, args.timeout)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        row.update(
+            python=platform.python_version(),
+            dask=dask.__version__,
+            distributed=distributed.__version__,
+            machine=f"{platform.machine()} {os.cpu_count()} cpus",
+        )
+        rows.append(row)
+        print(
+            f"{method:>8}: {'completed' if row['completed'] else 'FAILED'} in {row['wall_seconds']:.1f} s, "
+            f"restarts {row['worker_restarts']}, pauses {row['pauses']}, "
+            f"peak RSS {', '.join(format_bytes(r) for r in row['peak_rss'])} "
+            f"(limit {args.memory_limit}), spilled {format_bytes(row['spilled_bytes'])}"
+            + ("" if row["completed"] else f" — {row['error']}"),
+            flush=True,
+        )
+    done = {r["method"]: r for r in rows if r["completed"]}
+    stock = [done[m]["wall_seconds"] for m in ("tasks", "p2p") if m in done]
+    if "storage" in done and stock:
+        print(f"wall time storage / faster stock method: {done['storage']['wall_seconds'] / min(stock):.2f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,56 @@
+"""Every benchmark runs, at a tiny size (correctness only; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_cli import ROOT, cluster_env
+
+pytestmark = [pytest.mark.slow]
+
+
+def bench(args: list[str], out: Path) -> list[dict[str, object]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", *args, "--json", str(out)],
+        cwd=ROOT,
+        env=cluster_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_store_roundtrip(tmp_path: Path) -> None:
+    rows = bench(["benchmarks.store_roundtrip", "--sizes", "1KiB", "1MiB", "--repeat", "3"], tmp_path / "r.jsonl")
+    assert [r["nbytes"] for r in rows] == [1024, 2**20] and all(r["ratio"] > 0 for r in rows)
+
+
+def test_catalog_load(tmp_path: Path) -> None:
+    (row,) = bench(["benchmarks.catalog_load", "--entries", "20000", "--segments", "3"], tmp_path / "r.jsonl")
+    assert row["entries"] == 20000 and row["load_seconds"] > 0
+
+
+def test_persist_larger_than_memory(tmp_path: Path) -> None:
+    rows = bench(
+        ["benchmarks.persist_larger_than_memory", "--size-gib", "0.3", "--memory-limit", "1GiB"],
+        tmp_path / "r.jsonl",
+    )
+    assert [r["mode"] for r in rows] == ["stock", "storage"]
+    assert all(r["completed"] for r in rows)
+    assert rows[0]["sum"] == rows[1]["sum"]
+
+
+def test_rechunk(tmp_path: Path) -> None:
+    rows = bench(
+        ["benchmarks.rechunk", "--size-gib", "0.2", "--memory-limit", "1GiB", "--methods", "p2p", "storage"],
+        tmp_path / "r.jsonl",
+    )
+    assert [r["method"] for r in rows] == ["p2p", "storage"]
+    assert all(r["completed"] and r["checked"] for r in rows)
