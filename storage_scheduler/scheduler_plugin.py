@@ -24,8 +24,8 @@ memory at once, held by its lane; a requested one gets a small task that loads i
 the store (the scheduler cannot put a requested key in memory from the ``update_graph``
 hook: the stock code has already recommended it for computation).
 
-Lifecycle: results no client asked for (intermediates) are deleted from the store when the
-scheduler forgets them (``gc: intermediates``); results of ``compute``, ``persist`` and
+Lifecycle: results no client asked for (intermediates) are deleted from the store as soon
+as nothing needs them, when stock Dask frees them from RAM (``gc: intermediates``); results of ``compute``, ``persist`` and
 ``submit``, and keys annotated ``storage_keep=True``, stay until ``dask storage gc``. A
 cluster sharing the store with others publishes the keys it holds in a lease
 (``leases/<id>``) and never deletes a key in another live cluster's lease.
