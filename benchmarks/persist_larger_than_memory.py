@@ -6,7 +6,7 @@ nannies, one thread each) with ``--memory-limit`` each. Reported per run: whethe
 completed, wall time, worker restarts and pauses, peak RSS of each worker, bytes spilled
 to local disk; and the ratio of wall times::
 
-    python benchmarks/persist_larger_than_memory.py [--size-gib 12] [--memory-limit 2GiB]
+    python -m benchmarks.persist_larger_than_memory [--size-gib 12] [--memory-limit 2GiB]
         [--json results.jsonl]
 
 storage_scheduler runs with ``memory-relief: always``: persisted chunks live in the store
@@ -16,49 +16,18 @@ storage_scheduler runs with ``memory-relief: always``: persisted chunks live in 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
 import dask
 import dask.array as da
-import distributed
-import psutil
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import parse_bytes
 from distributed import Client, LocalCluster, wait
 
-
-class Sampler(threading.Thread):
-    """Peak RSS of every worker process, sampled every 100 ms."""
-
-    def __init__(self, client: Client):
-        super().__init__(daemon=True)
-        self.client = client
-        self.peaks: dict[str, int] = {}
-        self.stop = threading.Event()
-        self.pids: dict[str, int] = {}
-
-    def run(self) -> None:
-        last_refresh = 0.0
-        while not self.stop.wait(0.1):
-            if time.monotonic() - last_refresh > 1:
-                try:
-                    self.pids = self.client.run(os.getpid, on_error="ignore")
-                except Exception:
-                    pass
-                last_refresh = time.monotonic()
-            for name, pid in list(self.pids.items()):
-                try:
-                    rss = psutil.Process(pid).memory_info().rss
-                except psutil.Error:
-                    continue
-                self.peaks[name] = max(self.peaks.get(name, 0), rss)
+from benchmarks.common import Sampler, append_jsonl, cluster_figures, environment, summary
 
 
 def workload(size_gib: float) -> da.Array:
@@ -106,19 +75,7 @@ def run(mode: str, size_gib: float, memory_limit: str, store_dir: str, timeout: 
         except Exception as e:  # a run that fails is a result too
             out.update(completed=False, error=f"{type(e).__name__}: {e}"[:300])
         out["wall_seconds"] = time.perf_counter() - start
-        sampler.stop.set()
-        sampler.join()
-        events = cluster.scheduler.get_events("all")
-        statuses = [msg for _, msg in events if isinstance(msg, dict) and msg.get("action") == "worker-status-change"]
-        out["pauses"] = sum(1 for m in statuses if m.get("status") == "paused")
-        out["worker_restarts"] = sum(
-            1 for _, msg in events if isinstance(msg, dict) and msg.get("action") == "remove-worker"
-        )
-        spilled = client.run(
-            lambda dask_worker: getattr(dask_worker.data, "spilled_total", (0, 0))[1], on_error="ignore"
-        )
-        out["spilled_bytes"] = int(sum(v for v in spilled.values() if isinstance(v, int)))
-        out["peak_rss"] = sorted(sampler.peaks.values())
+        out.update(cluster_figures(cluster, client, sampler))
     return out
 
 
@@ -137,29 +94,14 @@ def main(argv: list[str]) -> int:
             row = run(mode, args.size_gib, args.memory_limit, store_dir, args.timeout)
         finally:
             shutil.rmtree(store_dir, ignore_errors=True)
-        row.update(
-            python=platform.python_version(),
-            dask=dask.__version__,
-            distributed=distributed.__version__,
-            machine=f"{platform.machine()} {os.cpu_count()} cpus",
-        )
+        row.update(environment())
         rows.append(row)
-        print(
-            f"{mode:>8}: {'completed' if row['completed'] else 'FAILED'} in {row['wall_seconds']:.1f} s, "
-            f"restarts {row['worker_restarts']}, pauses {row['pauses']}, "
-            f"peak RSS {', '.join(format_bytes(r) for r in row['peak_rss'])} "
-            f"(limit {args.memory_limit}), spilled {format_bytes(row['spilled_bytes'])}"
-            + ("" if row["completed"] else f" — {row['error']}"),
-            flush=True,
-        )
+        print(summary(mode, row, args.memory_limit), flush=True)
     stock, storage = rows
     if stock["completed"] and storage["completed"]:
         assert abs(stock["sum"] - storage["sum"]) <= 1e-6 * abs(stock["sum"]), "results differ"
         print(f"wall time storage/stock: {storage['wall_seconds'] / stock['wall_seconds']:.2f}")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    append_jsonl(args.json, rows)
     return 0
 
 

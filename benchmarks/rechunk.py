@@ -12,15 +12,13 @@ processes with nannies, one thread each, ``--memory-limit`` each), one after the
 Reported per run: completed, wall time, worker restarts and pauses, peak RSS per worker,
 bytes spilled; and the storage run's wall time against the faster stock method::
 
-    python benchmarks/rechunk.py [--size-gib 16] [--memory-limit 2GiB] [--json out.jsonl]
+    python -m benchmarks.rechunk [--size-gib 16] [--memory-limit 2GiB] [--json out.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,11 +27,10 @@ from typing import Any
 
 import dask
 import dask.array as da
-import distributed
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import parse_bytes
 from distributed import Client, LocalCluster
 
-from benchmarks.persist_larger_than_memory import Sampler
+from benchmarks.common import Sampler, append_jsonl, cluster_figures, environment, summary
 
 
 def source(size_gib: float) -> da.Array:
@@ -84,18 +81,7 @@ def run(method: str, size_gib: float, memory_limit: str, work: str, timeout: flo
         except Exception as e:
             out.update(completed=False, error=f"{type(e).__name__}: {e}"[:300])
         out["wall_seconds"] = time.perf_counter() - start
-        sampler.stop.set()
-        sampler.join()
-        events = cluster.scheduler.get_events("all")
-        out["pauses"] = sum(
-            1 for _, m in events if isinstance(m, dict) and m.get("action") == "worker-status-change" and m.get("status") == "paused"
-        )
-        out["worker_restarts"] = sum(1 for _, m in events if isinstance(m, dict) and m.get("action") == "remove-worker")
-        spilled = client.run(
-            lambda dask_worker: getattr(dask_worker.data, "spilled_total", (0, 0))[1], on_error="ignore"
-        )
-        out["spilled_bytes"] = int(sum(v for v in spilled.values() if isinstance(v, int)))
-        out["peak_rss"] = sorted(sampler.peaks.values())
+        out.update(cluster_figures(cluster, client, sampler))
     if out["completed"]:
         check = da.from_zarr(target)
         out["checked"] = bool(check.shape == x.shape and float(check[:: max(1, x.shape[0] // 7), 0].sum().compute()) > 0)
@@ -118,29 +104,14 @@ def main(argv: list[str]) -> int:
             row = run(method, args.size_gib, args.memory_limit, work, args.timeout)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        row.update(
-            python=platform.python_version(),
-            dask=dask.__version__,
-            distributed=distributed.__version__,
-            machine=f"{platform.machine()} {os.cpu_count()} cpus",
-        )
+        row.update(environment())
         rows.append(row)
-        print(
-            f"{method:>8}: {'completed' if row['completed'] else 'FAILED'} in {row['wall_seconds']:.1f} s, "
-            f"restarts {row['worker_restarts']}, pauses {row['pauses']}, "
-            f"peak RSS {', '.join(format_bytes(r) for r in row['peak_rss'])} "
-            f"(limit {args.memory_limit}), spilled {format_bytes(row['spilled_bytes'])}"
-            + ("" if row["completed"] else f" — {row['error']}"),
-            flush=True,
-        )
+        print(summary(method, row, args.memory_limit), flush=True)
     done = {r["method"]: r for r in rows if r["completed"]}
     stock = [done[m]["wall_seconds"] for m in ("tasks", "p2p") if m in done]
     if "storage" in done and stock:
         print(f"wall time storage / faster stock method: {done['storage']['wall_seconds'] / min(stock):.2f}")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    append_jsonl(args.json, rows)
     return 0
 
 
