@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dask
@@ -41,6 +43,33 @@ class Sampler(threading.Thread):
                 except psutil.Error:
                     continue
                 self.peaks[name] = max(self.peaks.get(name, 0), rss)
+
+
+@contextlib.contextmanager
+def bench_cluster(
+    memory_limit: str, store_url: str | None
+) -> Iterator[tuple[LocalCluster, Client, Sampler]]:
+    """2 workers (processes with nannies, one thread each), stock or with storage.
+
+    With ``store_url``, storage_scheduler runs with ``memory-relief: always``. The active
+    memory manager runs every 200 ms in both, so that the comparison is fair.
+    """
+    config: dict[str, Any] = {"distributed.scheduler.active-memory-manager.interval": "200ms"}
+    scheduler_kwargs: dict[str, Any] = {}
+    if store_url is not None:
+        config["storage-scheduler.memory-relief"] = "always"
+        scheduler_kwargs = {"preload": ["storage_scheduler"], "preload_argv": ["--storage-url", store_url]}
+    with dask.config.set(config), LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        memory_limit=memory_limit,
+        processes=True,
+        dashboard_address=":0",
+        scheduler_kwargs=scheduler_kwargs,
+    ) as cluster, Client(cluster) as client:
+        sampler = Sampler(client)
+        sampler.start()
+        yield cluster, client, sampler
 
 
 def cluster_figures(cluster: LocalCluster, client: Client, sampler: Sampler) -> dict[str, Any]:

@@ -22,12 +22,11 @@ import tempfile
 import time
 from typing import Any
 
-import dask
 import dask.array as da
 from dask.utils import parse_bytes
-from distributed import Client, LocalCluster, wait
+from distributed import wait
 
-from benchmarks.common import Sampler, append_jsonl, cluster_figures, environment, summary
+from benchmarks.common import append_jsonl, bench_cluster, cluster_figures, environment, summary
 
 
 def workload(size_gib: float) -> da.Array:
@@ -38,14 +37,6 @@ def workload(size_gib: float) -> da.Array:
 
 
 def run(mode: str, size_gib: float, memory_limit: str, store_dir: str, timeout: float) -> dict[str, Any]:
-    scheduler_kwargs: dict[str, Any] = {}
-    config: dict[str, Any] = {"distributed.scheduler.active-memory-manager.interval": "200ms"}
-    if mode == "storage":
-        scheduler_kwargs = {
-            "preload": ["storage_scheduler"],
-            "preload_argv": ["--storage-url", f"file://{store_dir}"],
-        }
-        config["storage-scheduler.memory-relief"] = "always"
     x = workload(size_gib)
     out: dict[str, Any] = {
         "benchmark": "persist_larger_than_memory",
@@ -54,16 +45,8 @@ def run(mode: str, size_gib: float, memory_limit: str, store_dir: str, timeout: 
         "workers": 2,
         "memory_limit": parse_bytes(memory_limit),
     }
-    with dask.config.set(config), LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        memory_limit=memory_limit,
-        processes=True,
-        dashboard_address=":0",
-        scheduler_kwargs=scheduler_kwargs,
-    ) as cluster, Client(cluster) as client:
-        sampler = Sampler(client)
-        sampler.start()
+    store_url = f"file://{store_dir}" if mode == "storage" else None
+    with bench_cluster(memory_limit, store_url) as (cluster, client, sampler):
         start = time.perf_counter()
         try:
             y = x.persist()

@@ -25,12 +25,10 @@ import tempfile
 import time
 from typing import Any
 
-import dask
 import dask.array as da
 from dask.utils import parse_bytes
-from distributed import Client, LocalCluster
 
-from benchmarks.common import Sampler, append_jsonl, cluster_figures, environment, summary
+from benchmarks.common import append_jsonl, bench_cluster, cluster_figures, environment, summary
 
 
 def source(size_gib: float) -> da.Array:
@@ -42,14 +40,6 @@ def source(size_gib: float) -> da.Array:
 
 def run(method: str, size_gib: float, memory_limit: str, work: str, timeout: float) -> dict[str, Any]:
     storage = method == "storage"
-    config: dict[str, Any] = {"distributed.scheduler.active-memory-manager.interval": "200ms"}
-    scheduler_kwargs: dict[str, Any] = {}
-    if storage:
-        config["storage-scheduler.memory-relief"] = "always"
-        scheduler_kwargs = {
-            "preload": ["storage_scheduler"],
-            "preload_argv": ["--storage-url", f"file://{work}/store"],
-        }
     x = source(size_gib)
     narrow = x.chunks[1][0]
     target = os.path.join(work, f"{method}.zarr")
@@ -62,16 +52,11 @@ def run(method: str, size_gib: float, memory_limit: str, work: str, timeout: flo
         "workers": 2,
         "memory_limit": parse_bytes(memory_limit),
     }
-    with dask.config.set(config), LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        memory_limit=memory_limit,
-        processes=True,
-        dashboard_address=":0",
-        scheduler_kwargs=scheduler_kwargs,
-    ) as cluster, Client(cluster) as client:
-        sampler = Sampler(client)
-        sampler.start()
+    with bench_cluster(memory_limit, f"file://{work}/store" if storage else None) as (
+        cluster,
+        client,
+        sampler,
+    ):
         start = time.perf_counter()
         try:
             y = x.rechunk((narrow, x.shape[1]), method="tasks" if storage else method)

@@ -141,7 +141,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     stored_bytes_total: int
     #: (time, bytes stored so far, bytes read by workers so far), sampled every second.
     history: collections.deque[tuple[float, int, int]]
-    _lease_written: frozenset[Any]
+    #: (keys, bytes) held by the lanes when the lease was last written.
+    _lease_signature: tuple[int, int]
     _lease_expires: float
 
     def __init__(
@@ -163,7 +164,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self._wanted = set()
         self._doomed = set()
         self._background = None
-        self._lease_written = frozenset()
+        self._lease_signature = (-1, -1)
         self._lease_expires = 0.0
         self.writing = True
         self.stored_bytes_total = 0
@@ -535,16 +536,22 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         await self.catalog.flush()
         if self.catalog.segments_since_compaction > COMPACT_EVERY:
             await self.catalog.compact()  # a long-running cluster flushes many segments
-        held = frozenset(ts.key for ws in self._lane_list for ts in ws.has_what)
+        # What the lanes hold, cheaply: the key set itself is built only when the lease is
+        # rewritten (it can hold millions of keys; this runs every flush interval).
+        signature = (
+            sum(len(ws.has_what) for ws in self._lane_list),
+            sum(ws.nbytes for ws in self._lane_list),
+        )
         now = time.time()
         # Rewritten when what the lanes hold changed, and at half-life in any case. A big
         # lease (it lists every key) is rewritten at most every LEASE_MIN_INTERVAL.
-        changed = held != self._lease_written
+        changed = signature != self._lease_signature
         due = now > self._lease_expires - LEASE_TTL / 2
-        throttled = len(held) > 10_000 and now < self._lease_expires - LEASE_TTL + LEASE_MIN_INTERVAL
+        throttled = signature[0] > 10_000 and now < self._lease_expires - LEASE_TTL + LEASE_MIN_INTERVAL
         if due or (changed and not throttled):
+            held = [ts.key for ws in self._lane_list for ts in ws.has_what]
             await write_lease(self.store, self._lease_name, held, now + LEASE_TTL)
-            self._lease_written = held
+            self._lease_signature = signature
             self._lease_expires = now + LEASE_TTL
 
     async def _delete_doomed(self) -> None:
