@@ -46,15 +46,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
-from dask._task_spec import Task
+from dask._task_spec import Alias, Task
 from distributed.active_memory_manager import ReduceReplicas
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.scheduler import TaskState, WorkerState
+from distributed.shuffle._core import P2PBarrierTask
 
 from storage_scheduler._exceptions import StorageSchedulerError
 from storage_scheduler.amm import LaneAwareReduceReplicas, MemoryRelief
@@ -88,6 +89,28 @@ LEASE_TTL = 60.0
 LEASE_MIN_INTERVAL = 2.0
 #: Catalog segments a running scheduler writes before folding them into one snapshot.
 COMPACT_EVERY = 1000
+
+
+def mark_p2p_steps(scheduler: Scheduler, keys: Collection[Any]) -> None:
+    """Annotate the transfers and barrier of every new P2P shuffle ``storage=False``.
+
+    They are steps of distributed's shuffle service, not results: a transfer hands its
+    input to the service and returns a run id, the barrier waits for every transfer.
+    "Reused" on their own, without the run they fed, they would leave the shuffle's
+    outputs incomplete. The outputs themselves are ordinary results, stored and reused;
+    reusing them makes the whole shuffle unnecessary. Transfers are found as the
+    barrier's dependencies, through the aliases that graph fusion leaves in between.
+    """
+    for key in keys:
+        ts = scheduler.tasks.get(key)
+        if ts is None or not isinstance(ts.run_spec, P2PBarrierTask):
+            continue
+        steps = [ts]
+        while steps:
+            step = steps.pop()
+            step.annotations = {**(step.annotations or {}), "storage": False}
+            if step is ts or isinstance(step.run_spec, Alias):
+                steps.extend(step.dependencies)
 
 
 class StorageSchedulerPlugin(SchedulerPlugin):
@@ -424,6 +447,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
     ) -> None:
         self._wanted.update(keys)
+        mark_p2p_steps(scheduler, kwargs.get("tasks", ()))
         for key in keys:
             if is_finalize_key(key) and key in scheduler.tasks:
                 # Client.compute's wrapper: what it wraps is the result the user wants.
@@ -444,7 +468,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             if ts is None or ts.state != "released" or ts.run_spec is None:
                 continue  # known to this cluster already: stock rules apply
             entry = self.catalog.get(key)
-            if entry is not None:
+            if entry is not None and (ts.annotations or {}).get("storage") is not False:
                 if entry.token == self._token(ts, memo):
                     reusable.append(ts)
                     continue

@@ -7,7 +7,8 @@ future. On each worker it
   store (off the event loop) before the task is reported finished; the report carries
   ``metadata["storage-scheduler"]``, from which the scheduler adds the lane replica in the
   same transition that puts the key in memory — a result is never "finished but not yet
-  stored";
+  stored". While the write runs, the task gives its thread slot back, as a task that
+  calls ``distributed.secede`` does, so the next task computes meanwhile;
 * makes the worker fetch inputs from a storage lane whenever one holds them (or from a
   peer first, with ``prefer: peer``) by swapping in a ``WorkerState`` subclass;
 * registers the store for the ``storage://`` comm and reports keys it could not read to
@@ -33,7 +34,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.metrics import context_meter
 from distributed.utils import sync
 from distributed.worker import get_worker
-from distributed.worker_state_machine import ExecuteSuccessEvent, StateMachineEvent
+from distributed.worker_state_machine import ExecuteSuccessEvent, SecedeEvent, StateMachineEvent
 from distributed.worker_state_machine import WorkerState as _WorkerState
 
 from storage_scheduler._exceptions import StoreError
@@ -112,6 +113,8 @@ class WorkerStats:
     write_failures: int = 0
     #: Bytes (in memory) of requested keys loaded from the store instead of computed.
     bytes_loaded: int = 0
+    #: Writes running after their task gave its thread slot back.
+    writes_detached: int = 0
 
 
 class StorageWorkerPlugin(WorkerPlugin):
@@ -257,11 +260,47 @@ class StorageWorkerPlugin(WorkerPlugin):
         if isinstance(event, ExecuteSuccessEvent):
             # Nothing may escape from here: an exception would leave the task executing
             # forever in the worker state machine.
+            detached = False
             try:
+                detached = self._release_thread_slot(key, event)
                 await self._store_result(key, event.value)
             except Exception as e:  # pragma: no cover - _store_result catches its own
                 logger.exception("Storing the result of %r failed unexpectedly: %s", key, e)
+            finally:
+                if detached:
+                    self.stats.writes_detached -= 1
         return event
+
+    def _release_thread_slot(self, key: Any, event: ExecuteSuccessEvent) -> bool:
+        """Let the next task compute while this result is written.
+
+        The computation is over; only the write keeps the task from being reported
+        finished. Dask's own ``secede`` mechanism moves it to ``long-running`` on the worker
+        and the scheduler, which frees its thread slot without reporting it finished.
+        At most as many writes as threads run detached: a store slower than the
+        computation holds slots again instead of piling up results in memory.
+        """
+        assert self._worker is not None
+        state = self._worker.state
+        ts = state.tasks.get(key)
+        if (
+            ts is None
+            or ts.state != "executing"
+            or self.stats.writes_detached >= state.nthreads
+            or not self._wants_stored(key)
+            or time.monotonic() < self._skip_until
+            or getattr(ts.run_spec, "func", None) is load_stored
+        ):
+            return False
+        self.stats.writes_detached += 1
+        self._worker.handle_stimulus(
+            SecedeEvent(
+                key=key,
+                compute_duration=event.stop - event.start,
+                stimulus_id=f"storage-write-{time.time()}",
+            )
+        )
+        return True
 
     async def _store_result(self, key: Any, value: object) -> None:
         if self._worker is None or self.store is None:

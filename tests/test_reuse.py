@@ -305,3 +305,32 @@ async def test_lineage_on_a_deep_chain(tmp_path: Path) -> None:
                     x = delayed(inc)(x, dask_key_name=f"chain-{i}")
                 assert await c.compute(x) == 1500
     assert len(CALLS) == 1500
+
+
+@gen_test(timeout=90)
+async def test_p2p_rechunk_stores_outputs_not_shuffle_steps(tmp_path: Path) -> None:
+    """A P2P rechunk's outputs are stored and reused; its transfers and barrier never are.
+
+    A stored transfer "reused" without the shuffle run it fed would leave the outputs
+    incomplete; reusing the outputs makes the whole shuffle unnecessary instead.
+    """
+    url = str(tmp_path / "store")
+    x = da.random.default_rng(0).random((60, 60), chunks=(60, 5))
+    y = x.rechunk((5, 60), method="p2p")
+    expected = x.compute(scheduler="sync")
+    async with storage_cluster(url) as (c, s, plugin):
+        z = c.persist(y)
+        np.testing.assert_array_equal(await c.compute(z), expected)
+        keys = await listing(url)
+        names = {dask.utils.key_split(k) for k in keys}
+        assert {k for k in keys if isinstance(k, tuple) and k[0] == y.name} == {
+            (y.name, i, 0) for i in range(12)
+        }
+        assert not {n for n in names if "transfer" in n or "barrier" in n}, names
+
+    async with storage_cluster(url) as (c, s, plugin):
+        z = c.persist(y)
+        np.testing.assert_array_equal(await c.compute(z), expected)
+        ran = {dask.utils.key_split(t[0]) for t in s.transition_log if t[2] == "memory"}
+        assert not {n for n in ran if "transfer" in n or "barrier" in n}, ran
+        assert plugin.reused_total >= 12

@@ -48,6 +48,35 @@ async def test_results_stored_with_lane_replica(c, s, a, b, tmp_path: Path) -> N
     assert s.plugins["storage-scheduler"] is plugin
 
 
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_thread_slot_is_free_while_a_result_is_written(c, s, a, tmp_path: Path) -> None:
+    """The write runs with the task in ``long-running`` (Dask's secede): the slot is free,
+    the task is reported finished, with its lane, only once stored."""
+    plugin = await enable_storage(s, str(tmp_path / "store"))
+    futures = c.map(lambda i: np.full(200_000, i), range(4), key=[f"r-{i}" for i in range(4)])
+    await wait(futures)
+
+    def when(key: str, start: str, finish: str) -> float:
+        (t,) = [t[-1] for t in a.state.story(key) if t[1:3] == (start, finish)]
+        return t
+
+    detached = [f"r-{i}" for i in range(4) if any(t[1:3] == ("executing", "long-running") for t in a.state.story(f"r-{i}"))]
+    key = detached[0]
+    # The next task started before this one's write ended and it was reported finished.
+    following = sorted(
+        when(f"r-{i}", "ready", "executing")
+        for i in range(4)
+        if when(f"r-{i}", "ready", "executing") > when(key, "executing", "long-running")
+    )
+    assert following and following[0] < when(key, "long-running", "memory")
+    for i in range(4):
+        # The scheduler hears "finished" once, with the lane already a holder.
+        assert any(is_lane(ws.address) for ws in s.tasks[f"r-{i}"].who_has or ())
+    worker_plugin = a.plugins["storage-scheduler"]
+    assert worker_plugin.stats.writes_detached == 0 and worker_plugin.stats.stored == 4
+    assert plugin.storage_info()["keys_in_lanes"] == 4
+
+
 @gen_cluster(client=True)
 async def test_lanes_are_not_workers(c, s, a, b, tmp_path: Path) -> None:
     plugin = await enable_storage(s, str(tmp_path / "store"), lanes=3)
