@@ -47,22 +47,31 @@ class Sampler(threading.Thread):
 
 @contextlib.contextmanager
 def bench_cluster(
-    memory_limit: str, store_url: str | None
+    memory_limit: str | None,
+    store_url: str | None,
+    *,
+    relief: str | None = "always",
+    storage_options: dict[str, str] | None = None,
 ) -> Iterator[tuple[LocalCluster, Client, Sampler]]:
     """2 workers (processes with nannies, one thread each), stock or with storage.
 
-    With ``store_url``, storage_scheduler runs with ``memory-relief: always``. The active
-    memory manager runs every 200 ms in both, so that the comparison is fair.
+    With ``store_url``, storage_scheduler runs with ``memory-relief: relief`` (None: the
+    default). The active memory manager runs every 200 ms in both, so that the comparison
+    is fair. ``memory_limit`` None is Dask's default (the machine's memory, shared).
     """
     config: dict[str, Any] = {"distributed.scheduler.active-memory-manager.interval": "200ms"}
     scheduler_kwargs: dict[str, Any] = {}
     if store_url is not None:
-        config["storage-scheduler.memory-relief"] = "always"
-        scheduler_kwargs = {"preload": ["storage_scheduler"], "preload_argv": ["--storage-url", store_url]}
+        if relief is not None:
+            config["storage-scheduler.memory-relief"] = relief
+        argv = ["--storage-url", store_url]
+        for key, value in (storage_options or {}).items():
+            argv += ["--storage-option", f"{key}={value}"]
+        scheduler_kwargs = {"preload": ["storage_scheduler"], "preload_argv": argv}
     with dask.config.set(config), LocalCluster(
         n_workers=2,
         threads_per_worker=1,
-        memory_limit=memory_limit,
+        memory_limit="auto" if memory_limit is None else memory_limit,
         processes=True,
         dashboard_address=":0",
         scheduler_kwargs=scheduler_kwargs,
@@ -72,15 +81,31 @@ def bench_cluster(
         yield cluster, client, sampler
 
 
+def _traffic(dask_worker: Any) -> dict[str, int]:
+    plugin = dask_worker.plugins.get("storage-scheduler")
+    figures = plugin.heartbeat_metrics() if plugin is not None else {}
+    return {
+        "peer_bytes": dask_worker.transfer_outgoing_bytes_total,
+        "store_bytes_written": figures.get("bytes_written", 0),
+        "store_bytes_read": figures.get("bytes_read", 0),
+    }
+
+
 def cluster_figures(cluster: LocalCluster, client: Client, sampler: Sampler) -> dict[str, Any]:
-    """Pauses, worker restarts, bytes spilled to local disk and peak RSS of a finished run."""
+    """Pauses, worker restarts, bytes spilled, moved and stored, peak RSS of a finished run.
+
+    ``peer_bytes`` counts task inputs sent from worker to worker (what stock Dask moves;
+    a P2P shuffle's own traffic is not in it); ``store_bytes_*`` what went through the store.
+    """
     sampler.stop.set()
     sampler.join()
     events = [m for _, m in cluster.scheduler.get_events("all") if isinstance(m, dict)]
     spilled = client.run(
         lambda dask_worker: getattr(dask_worker.data, "spilled_total", (0, 0))[1], on_error="ignore"
     )
+    traffic = client.run(_traffic, on_error="ignore").values()
     return {
+        **{k: int(sum(t[k] for t in traffic if isinstance(t, dict))) for k in ("peer_bytes", "store_bytes_written", "store_bytes_read")},
         "pauses": sum(
             1 for m in events if m.get("action") == "worker-status-change" and m.get("status") == "paused"
         ),
@@ -104,7 +129,9 @@ def summary(label: str, row: dict[str, Any], memory_limit: str) -> str:
         f"{label:>8}: {'completed' if row['completed'] else 'FAILED'} in {row['wall_seconds']:.1f} s, "
         f"restarts {row['worker_restarts']}, pauses {row['pauses']}, "
         f"peak RSS {', '.join(format_bytes(r) for r in row['peak_rss'])} "
-        f"(limit {memory_limit}), spilled {format_bytes(row['spilled_bytes'])}"
+        f"(limit {memory_limit}), spilled {format_bytes(row['spilled_bytes'])}, "
+        f"peer-to-peer {format_bytes(row['peer_bytes'])}, "
+        f"store written/read {format_bytes(row['store_bytes_written'])}/{format_bytes(row['store_bytes_read'])}"
         + ("" if row["completed"] else f" — {row['error']}")
     )
 
