@@ -15,18 +15,6 @@ if ! command -v chromium > /dev/null 2>&1; then
     fi
 fi
 
-port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-# The server stops with this script, and by itself after 80 minutes in any case.
-timeout 4800 moto_server -H 127.0.0.1 -p "$port" > /dev/null 2>&1 &
-moto_pid=$!
-trap 'kill $moto_pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    if python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/moto-api/', timeout=1)" 2>/dev/null; then
-        break
-    fi
-    sleep 0.2
-done
-export STORAGE_SCHEDULER_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
-echo "ci: moto S3 server on $STORAGE_SCHEDULER_TEST_S3_ENDPOINT"
+source "$(dirname "${BASH_SOURCE[0]}")/moto.sh"
 
 python -m pytest -p no:cacheprovider "$@"

@@ -49,8 +49,35 @@ def test_persist_larger_than_memory(tmp_path: Path) -> None:
 
 def test_rechunk(tmp_path: Path) -> None:
     rows = bench(
-        ["benchmarks.rechunk", "--size-gib", "0.2", "--memory-limit", "1GiB", "--methods", "p2p", "storage"],
+        ["benchmarks.rechunk", "--size-gib", "0.2", "--memory-limit", "1GiB", "--methods", "p2p", "storage-tasks", "storage-p2p"],
         tmp_path / "r.jsonl",
     )
-    assert [r["method"] for r in rows] == ["p2p", "storage"]
+    assert [r["method"] for r in rows] == ["p2p", "storage-tasks", "storage-p2p"]
     assert all(r["completed"] and r["checked"] for r in rows)
+
+
+def test_suite_smoke(tmp_path: Path) -> None:
+    """``ci/bench.sh --smoke``: every workload of the suite at a tiny size, and the report."""
+    env = {**cluster_env(), "BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "ci" / "bench.sh"), "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from benchmarks.suite import WORKLOADS
+
+    for name in WORKLOADS:
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["mode"] for r in rows] == ["stock", "storage"], name
+        assert all(r["correct"] for r in rows), name
+    loss = {r["mode"]: r for r in map(json.loads, (tmp_path / "worker-loss.jsonl").read_text().splitlines())}
+    assert loss["storage"]["worker_restarts"] >= 1  # the SIGKILL happened
+    transfer = {r["mode"]: r for r in map(json.loads, (tmp_path / "transfer.jsonl").read_text().splitlines())}
+    assert transfer["stock"]["store_bytes_written"] == 0 < transfer["storage"]["store_bytes_written"]
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert all(f"| {name} |" in report for name in WORKLOADS)
+    assert (tmp_path / "suite.png").stat().st_size > 0 and (tmp_path / "traffic.png").stat().st_size > 0
