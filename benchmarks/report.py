@@ -40,7 +40,7 @@ def mb_s(v: float) -> str:
 
 
 def secs(v: float) -> str:
-    return f"{v:.2f} s"
+    return f"{v:.3g} s"
 
 
 #: workload -> (what is compared, figure of a run, format, ratio's target, smaller is better)
@@ -66,7 +66,7 @@ def verdict(name: str, rows: Rows) -> tuple[str, str]:
         return f"{storage / stock:.2f}", "reported"
     ratio = storage / stock
     met = ratio <= target if smaller else ratio >= target
-    return f"{ratio:.2f}", "met" if met else "missed"
+    return f"{ratio:.3g}", "met" if met else "missed"
 
 
 def table(results: dict[str, Rows]) -> list[str]:
