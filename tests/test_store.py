@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import asyncio
 import os
 from collections.abc import AsyncIterator
@@ -158,8 +160,13 @@ async def test_compressible_data_round_trips(store: Store) -> None:
     np.testing.assert_array_equal(deserialize(ser.header, ser.frames), value)
 
 
-async def test_corrupted_object(store: Store) -> None:
-    await store.put("k", np.arange(1000))
+# The second size is read by mapping the file on a local filesystem (MAP_MIN_BYTES).
+SIZES = pytest.mark.parametrize("n", [1000, 2**18], ids=["small", "mapped"])
+
+
+@SIZES
+async def test_corrupted_object(store: Store, n: int) -> None:
+    await store.put("k", np.arange(n))
 
     def flip(data: bytes) -> bytes:
         b = bytearray(data)
@@ -173,8 +180,9 @@ async def test_corrupted_object(store: Store) -> None:
         await store.get_serialized("k")
 
 
-async def test_truncated_object(store: Store) -> None:
-    await store.put("k", np.arange(1000))
+@SIZES
+async def test_truncated_object(store: Store, n: int) -> None:
+    await store.put("k", np.arange(n))
     await damage(store, "k", lambda d: d[: len(d) // 2])
     with pytest.raises(IntegrityError, match="truncated object"):
         await store.get("k")
@@ -240,6 +248,38 @@ async def test_unpicklable_value_raises_and_stores_nothing(store: Store) -> None
     with pytest.raises(Exception, match="lock"):
         await store.put("k", threading.Lock())
     assert await store.exists(["k"]) == set()
+
+
+async def test_large_local_objects_are_mapped(tmp_path: Any) -> None:
+    """Large objects on a local disk are read by mapping the file: no copy, writeable, and
+    unaffected by the object being overwritten or deleted afterwards."""
+    store = Store.from_url(str(tmp_path))
+    try:
+        assert store._map_reads  # /tmp is a local filesystem on the machines we test on
+        x = np.arange(2**18)
+        await store.put("k", x)
+        got = await store.get("k")
+        assert any(isinstance(b, mmap.mmap) for b in _bases(got))
+        await store.put("k", x + 1)  # replaced by rename: the mapped file is unchanged
+        await store.delete(["k"])  # unlinked: still mapped, still readable
+        np.testing.assert_array_equal(got, x)
+        got[0] = -1  # private mapping: writeable, and the write stays in this process
+        assert got[0] == -1
+        await store.put("s", np.arange(10))
+        small = await store.get("s")
+        assert not any(isinstance(b, mmap.mmap) for b in _bases(small))
+    finally:
+        store.close()
+
+
+def _bases(a: Any) -> list[Any]:
+    """The chain of objects a numpy array's memory comes from."""
+    out = []
+    b = getattr(a, "base", None)
+    while b is not None and len(out) < 10:
+        out.append(b)
+        b = b.obj if isinstance(b, memoryview) else getattr(b, "base", None)
+    return out
 
 
 async def test_local_layout_stays_inside_root(tmp_path: Any) -> None:
