@@ -211,6 +211,7 @@ def worker_loss(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]
     with cluster(mode, store) as (lc, client, sampler):
         pids = client.run(os.getpid)
         victim = workers(client)[0]
+        out["killed_worker_threads"] = client.nthreads()[victim]
         for fault in (False, True):
             marks = tempfile.mkdtemp(prefix="worker-loss-")
             try:
@@ -239,7 +240,6 @@ def worker_loss(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]
             out["wall_seconds" if fault else "no_fault_seconds"] = wall
             if fault:
                 out["reexecuted"] = executions - out["tasks"]
-                out["killed_worker_threads"] = 1
         out["correct"] = out["correct"] and out.pop("correct_no_fault")
         out["fault_ratio"] = out["wall_seconds"] / out["no_fault_seconds"]
         out.update(cluster_figures(lc, client, sampler))
