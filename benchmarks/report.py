@@ -44,7 +44,9 @@ def secs(v: float) -> str:
 
 
 #: workload -> (what is compared, figure of a run, format, ratio's target, smaller is better)
-HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], float], Callable[[float], str], float, bool]] = {
+HEADLINES: dict[
+    str, tuple[str, Callable[[dict[str, Any]], float], Callable[[float], str], float, bool]
+] = {
     "transfer": ("throughput, end to end", lambda r: r["throughput"], mb_s, 1.0, False),
     "overhead": ("wall time", lambda r: r["wall_seconds"], secs, 1.10, True),
     "rerun": ("rerun / first run", lambda r: r["rerun_ratio"], lambda v: f"{v:.3f}x", 0.05, True),
@@ -78,7 +80,9 @@ def table(results: dict[str, Rows]) -> list[str]:
         what, figure, fmt, _, _ = HEADLINES[name]
         stock, storage = (median(rows, m, figure) for m in MODES)
         ratio, met = verdict(name, rows)
-        lines.append(f"| {name} | {what} | {fmt(stock)} | {fmt(storage)} | {ratio} | {WORKLOADS[name][3]} | {met} |")
+        lines.append(
+            f"| {name} | {what} | {fmt(stock)} | {fmt(storage)} | {ratio} | {WORKLOADS[name][3]} | {met} |"
+        )
     return lines
 
 
@@ -117,7 +121,8 @@ def extra_figures(results: dict[str, Rows]) -> list[str]:
         rows = results["worker-loss"]
         out.append(
             "- worker-loss: wall time with the fault / without it: {:.2f} (stock), {:.2f} (storage).".format(
-                median(rows, "stock", lambda r: r["fault_ratio"]), median(rows, "storage", lambda r: r["fault_ratio"])
+                median(rows, "stock", lambda r: r["fault_ratio"]),
+                median(rows, "storage", lambda r: r["fault_ratio"]),
             )
         )
     if "retire" in results:
@@ -183,8 +188,17 @@ def plots(results: dict[str, Rows], directory: Path) -> list[str]:
             peer = median(results[name], mode, lambda r: r["peer_bytes"]) / 2**20
             store = median(results[name], mode, lambda r: r["store_bytes_read"]) / 2**20
             x = i + (j - 0.5) * width
-            ax.bar(x, peer, width * 0.9, color="tab:red", label="peer-to-peer" if i == j == 0 else None)
-            ax.bar(x, store, width * 0.9, bottom=peer, color="tab:blue", label="read from the store" if i == j == 0 else None)
+            ax.bar(
+                x, peer, width * 0.9, color="tab:red", label="peer-to-peer" if i == j == 0 else None
+            )
+            ax.bar(
+                x,
+                store,
+                width * 0.9,
+                bottom=peer,
+                color="tab:blue",
+                label="read from the store" if i == j == 0 else None,
+            )
     ax.set_xticks(range(len(names)), [f"{n}\nstock | storage" for n in names], fontsize=7)
     ax.set_ylabel("MiB moved to task inputs (median)")
     ax.legend(fontsize=8)
@@ -210,7 +224,10 @@ def main(argv: list[str]) -> int:
     results = {name: rows for name in WORKLOADS if (rows := load(args.results / f"{name}.jsonl"))}
     if not results:
         parser.error(f"no suite results in {args.results}; run ci/bench.sh first")
-    images = [os.path.relpath(args.results / image, args.out.parent) for image in plots(results, args.results)]
+    images = [
+        os.path.relpath(args.results / image, args.out.parent)
+        for image in plots(results, args.results)
+    ]
     text = [
         "# Benchmarks: storage_scheduler against stock Dask",
         "",

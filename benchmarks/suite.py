@@ -92,7 +92,9 @@ def add(a: float, b: float, seconds: float) -> float:
     return a + b
 
 
-def marked(directory: str, name: str, seconds: float, nbytes: int, *inputs: np.ndarray) -> np.ndarray:
+def marked(
+    directory: str, name: str, seconds: float, nbytes: int, *inputs: np.ndarray
+) -> np.ndarray:
     """A task that leaves a file behind for each of its executions (worker-loss)."""
     Path(directory, f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}").touch()
     time.sleep(seconds)
@@ -118,7 +120,9 @@ def executed(client: Client) -> int:
 
 
 @contextmanager
-def cluster(mode: str, store: str | None, **kwargs: Any) -> Iterator[tuple[LocalCluster, Client, Any]]:
+def cluster(
+    mode: str, store: str | None, **kwargs: Any
+) -> Iterator[tuple[LocalCluster, Client, Any]]:
     with bench_cluster(None, store if mode == "storage" else None, relief=None, **kwargs) as c:
         yield c
 
@@ -136,14 +140,18 @@ def workers(client: Client) -> tuple[str, str]:
 # ------------------------------------------------------------------------- workloads
 
 
-def transfer(mode: str, store: str, params: dict[str, Any], **cluster_kwargs: Any) -> dict[str, Any]:
+def transfer(
+    mode: str, store: str, params: dict[str, Any], **cluster_kwargs: Any
+) -> dict[str, Any]:
     nbytes, count = params["array_bytes"], params["arrays"]
     token = uuid.uuid4().hex
     with cluster(mode, store, **cluster_kwargs) as (lc, client, sampler):
         a, b = workers(client)
         start = time.perf_counter()
         made = [
-            client.submit(make_array, i, nbytes, token, workers=[a], allow_other_workers=False, pure=False)
+            client.submit(
+                make_array, i, nbytes, token, workers=[a], allow_other_workers=False, pure=False
+            )
             for i in range(count)
         ]
         sums = client.map(reduce_array, made, workers=[b], allow_other_workers=False, pure=False)
@@ -166,7 +174,9 @@ def overhead(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
     token = uuid.uuid4().hex
     graph = tree([delayed(leaf)(i, seconds, token) for i in range(leaves)], combine, seconds)
     # XOR is associative and commutative: the tree's result is the XOR of all leaves.
-    expected = np.bitwise_xor.reduce([np.frombuffer(np.random.default_rng(i).bytes(1024), np.uint8) for i in range(leaves)])
+    expected = np.bitwise_xor.reduce(
+        [np.frombuffer(np.random.default_rng(i).bytes(1024), np.uint8) for i in range(leaves)]
+    )
     with cluster(mode, store) as (lc, client, sampler):
         start = time.perf_counter()
         got = client.compute(graph).result()
@@ -191,7 +201,13 @@ def rerun(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
         with cluster(mode, store) as (lc, client, sampler):
             start = time.perf_counter()
             value = client.compute(graph).result()
-            runs.append({"seconds": time.perf_counter() - start, "value": value, "executed": executed(client)})
+            runs.append(
+                {
+                    "seconds": time.perf_counter() - start,
+                    "value": value,
+                    "executed": executed(client),
+                }
+            )
             figures = cluster_figures(lc, client, sampler)
     return {
         "correct": runs[0]["value"] == runs[1]["value"] == float(sum(range(leaves))),
@@ -218,9 +234,20 @@ def worker_loss(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]
                 # Two stages and a total; every second-stage task needs two first-stage
                 # results, one of them usually computed on the other worker.
                 run = uuid.uuid4().hex[:8]
-                first = [delayed(marked)(marks, f"a{i}", seconds, nbytes, dask_key_name=f"a-{run}-{i}") for i in range(width)]
+                first = [
+                    delayed(marked)(marks, f"a{i}", seconds, nbytes, dask_key_name=f"a-{run}-{i}")
+                    for i in range(width)
+                ]
                 second = [
-                    delayed(marked)(marks, f"b{i}", seconds, nbytes, first[i], first[(i + 1) % width], dask_key_name=f"b-{run}-{i}")
+                    delayed(marked)(
+                        marks,
+                        f"b{i}",
+                        seconds,
+                        nbytes,
+                        first[i],
+                        first[(i + 1) % width],
+                        dask_key_name=f"b-{run}-{i}",
+                    )
                     for i in range(width)
                 ]
                 total = delayed(marked)(marks, "total", 0, 8, *second, dask_key_name=f"total-{run}")
@@ -251,7 +278,10 @@ def retire(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
     token = uuid.uuid4().hex
     with cluster(mode, store) as (lc, client, sampler):
         a, b = workers(client)
-        held = [client.submit(make_array, i, nbytes, token, workers=[a], pure=False) for i in range(count)]
+        held = [
+            client.submit(make_array, i, nbytes, token, workers=[a], pure=False)
+            for i in range(count)
+        ]
         wait(held)
         before = client.run(managed_bytes, workers=[b])[b]
         start = time.perf_counter()
@@ -328,7 +358,9 @@ def store_for(workload: str, work: str, endpoint: str | None) -> str:
     return f"s3://{bucket}/results"
 
 
-def run_workload(name: str, repeat: int, smoke: bool, out: Path, endpoint: str | None) -> list[dict[str, Any]]:
+def run_workload(
+    name: str, repeat: int, smoke: bool, out: Path, endpoint: str | None
+) -> list[dict[str, Any]]:
     func, full, tiny, target = WORKLOADS[name]
     params = dict(tiny if smoke else full)
     if name == "s3":
@@ -341,7 +373,15 @@ def run_workload(name: str, repeat: int, smoke: bool, out: Path, endpoint: str |
                 row = func(mode, store_for(name, work, endpoint), params)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            row = {"workload": name, "mode": mode, "rep": rep, "smoke": smoke, "params": params, "target": target, **row}
+            row = {
+                "workload": name,
+                "mode": mode,
+                "rep": rep,
+                "smoke": smoke,
+                "params": params,
+                "target": target,
+                **row,
+            }
             row.update(environment())
             rows.append(row)
             print(line(row), flush=True)
@@ -352,7 +392,15 @@ def line(row: dict[str, Any]) -> str:
     extra = ", ".join(
         f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
         for k, v in row.items()
-        if k in ("throughput", "reexecuted", "rerun_ratio", "fault_ratio", "bytes_copied", "executed_rerun")
+        if k
+        in (
+            "throughput",
+            "reexecuted",
+            "rerun_ratio",
+            "fault_ratio",
+            "bytes_copied",
+            "executed_rerun",
+        )
     )
     return (
         f"{row['workload']:>11} {row['mode']:>7} #{row['rep']}: {'ok' if row['correct'] else 'WRONG'} "
@@ -363,10 +411,14 @@ def line(row: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: checks, no timings")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one repetition: checks, no timings"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"directory of the JSON lines (default {RESULTS})")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"directory of the JSON lines (default {RESULTS})"
+    )
     parser.add_argument(
         "--s3-endpoint",
         default=os.environ.get("STORAGE_SCHEDULER_TEST_S3_ENDPOINT"),
@@ -375,7 +427,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if "s3" in args.workloads and not args.s3_endpoint:
         parser.error("the s3 workload needs --s3-endpoint (ci/bench.sh starts a moto server)")
-    for var, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
+    for var, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(var, value)  # moto takes any credentials
     repeat = 1 if args.smoke else args.repeat
     args.out.mkdir(parents=True, exist_ok=True)
@@ -385,8 +441,13 @@ def main(argv: list[str]) -> int:
         with open(args.out / f"{name}.jsonl", "w") as f:  # one run of the suite per file
             f.writelines(json.dumps(row) + "\n" for row in rows)
         wrong += [f"{r['workload']} {r['mode']} #{r['rep']}" for r in rows if not r["correct"]]
-        medians = {m: statistics.median(r["wall_seconds"] for r in rows if r["mode"] == m) for m in MODES}
-        print(f"{name:>11}: median wall time storage / stock = {medians['storage'] / medians['stock']:.2f}", flush=True)
+        medians = {
+            m: statistics.median(r["wall_seconds"] for r in rows if r["mode"] == m) for m in MODES
+        }
+        print(
+            f"{name:>11}: median wall time storage / stock = {medians['storage'] / medians['stock']:.2f}",
+            flush=True,
+        )
     if wrong:
         print(f"WRONG results: {', '.join(wrong)}", file=sys.stderr)
         return 1

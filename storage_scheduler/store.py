@@ -505,7 +505,9 @@ MAP_MIN_BYTES = 2**20
 #: Filesystems whose mapped files stay readable until unmapped, whatever other processes
 #: do: local disks and memory. Not network filesystems, where a file deleted by another
 #: host makes its mapped pages fail (SIGBUS) once the kernel evicts them.
-_MAPPABLE_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "ramfs", "overlay"})
+_MAPPABLE_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "ramfs", "overlay"}
+)
 
 
 def _maps_safely(root: str) -> bool:

@@ -70,3 +70,22 @@ def test_worker_starts_running_before_its_plugins() -> None:
     # Why the worker plugin installs itself before its first await (see its setup()).
     source = inspect.getsource(Worker._register_with_scheduler)
     assert source.index("self.status = Status.running") < source.index("plugin_add")
+
+
+def test_secede_event_frees_the_thread_slot() -> None:
+    # worker_plugin gives a task's slot back during its write with a SecedeEvent: the
+    # worker moves it to long-running and starts the next task.
+    assert wsm.SecedeEvent.__slots__ == ("key", "compute_duration")
+    source = inspect.getsource(wsm.WorkerState._transition_executing_long_running)
+    assert "self.executing.discard(ts)" in source and "self._ensure_computing()" in source
+    assert ("long-running", "memory") in wsm.WorkerState._TRANSITIONS_TABLE
+
+
+def test_p2p_barrier_and_fusion_alias() -> None:
+    # mark_p2p_steps finds a shuffle's barrier by its run_spec class, and its transfers
+    # behind the aliases that graph fusion leaves.
+    from dask._task_spec import Alias, Task
+    from distributed.shuffle._core import P2PBarrierTask
+
+    assert issubclass(P2PBarrierTask, Task)
+    assert "target" in Alias.__slots__ or hasattr(Alias, "target")
