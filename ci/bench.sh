@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the benchmark suite (storage_scheduler against stock Dask) and write the report.
-#   ci/bench.sh                 every workload at full size, 3 repetitions (about 25 minutes):
+#   ci/bench.sh                 every workload at full size, 3 repetitions (about 15 minutes):
 #                               benchmarks/results/*.jsonl, benchmarks/RESULTS.md and plots
 #   ci/bench.sh --smoke         every workload at a tiny size, once, into a temporary
 #                               directory (or $BENCH_RESULTS): checks results, not timings
