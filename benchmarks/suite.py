@@ -358,9 +358,7 @@ def store_for(workload: str, work: str, endpoint: str | None) -> str:
     return f"s3://{bucket}/results"
 
 
-def run_workload(
-    name: str, repeat: int, smoke: bool, out: Path, endpoint: str | None
-) -> list[dict[str, Any]]:
+def run_workload(name: str, repeat: int, smoke: bool, endpoint: str | None) -> list[dict[str, Any]]:
     func, full, tiny, target = WORKLOADS[name]
     params = dict(tiny if smoke else full)
     if name == "s3":
@@ -437,7 +435,7 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     wrong = []
     for name in args.workloads:
-        rows = run_workload(name, repeat, args.smoke, args.out, args.s3_endpoint)
+        rows = run_workload(name, repeat, args.smoke, args.s3_endpoint)
         with open(args.out / f"{name}.jsonl", "w") as f:  # one run of the suite per file
             f.writelines(json.dumps(row) + "\n" for row in rows)
         wrong += [f"{r['workload']} {r['mode']} #{r['rep']}" for r in rows if not r["correct"]]

@@ -20,7 +20,6 @@ import errno
 import logging
 import mmap
 import os
-import re
 import time
 import uuid
 import weakref
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
+import psutil
 from distributed.protocol.serialize import Serialized
 from fsspec.implementations.local import LocalFileSystem
 
@@ -511,19 +511,14 @@ _MAPPABLE_FILESYSTEMS = frozenset(
 
 
 def _maps_safely(root: str) -> bool:
-    """Whether objects under ``root`` can be read by mapping them (Linux, a local filesystem)."""
-    try:
-        with open("/proc/self/mounts") as f:
-            mounts = [line.split()[1:3] for line in f]
-    except OSError:
-        return False  # not Linux: read by copying
+    """Whether objects under ``root`` can be read by mapping them (a local filesystem)."""
     path = os.path.realpath(root)
     best, fstype = "", ""
-    for point, kind in mounts:
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+    for part in psutil.disk_partitions(all=True):
+        point = part.mountpoint
         inside = path == point or path.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= len(best):
-            best, fstype = point, kind
+            best, fstype = point, part.fstype
     return fstype in _MAPPABLE_FILESYSTEMS
 
 

@@ -35,6 +35,7 @@ from distributed.metrics import context_meter
 from distributed.utils import sync
 from distributed.worker import get_worker
 from distributed.worker_state_machine import ExecuteSuccessEvent, SecedeEvent, StateMachineEvent
+from distributed.worker_state_machine import TaskState as WorkerTaskState
 from distributed.worker_state_machine import WorkerState as _WorkerState
 
 from storage_scheduler._exceptions import StoreError
@@ -260,18 +261,13 @@ class StorageWorkerPlugin(WorkerPlugin):
         if isinstance(event, ExecuteSuccessEvent):
             # Nothing may escape from here: an exception would leave the task executing
             # forever in the worker state machine.
-            detached = False
             try:
-                detached = self._release_thread_slot(key, event)
-                await self._store_result(key, event.value)
+                await self._store_result(key, event)
             except Exception as e:  # pragma: no cover - _store_result catches its own
                 logger.exception("Storing the result of %r failed unexpectedly: %s", key, e)
-            finally:
-                if detached:
-                    self.stats.writes_detached -= 1
         return event
 
-    def _release_thread_slot(self, key: Any, event: ExecuteSuccessEvent) -> bool:
+    def _release_thread_slot(self, ts: WorkerTaskState, event: ExecuteSuccessEvent) -> bool:
         """Let the next task compute while this result is written.
 
         The computation is over; only the write keeps the task from being reported
@@ -281,28 +277,19 @@ class StorageWorkerPlugin(WorkerPlugin):
         computation holds slots again instead of piling up results in memory.
         """
         assert self._worker is not None
-        state = self._worker.state
-        ts = state.tasks.get(key)
-        if (
-            ts is None
-            or ts.state != "executing"
-            or self.stats.writes_detached >= state.nthreads
-            or not self._wants_stored(key)
-            or time.monotonic() < self._skip_until
-            or getattr(ts.run_spec, "func", None) is load_stored
-        ):
+        if ts.state != "executing" or self.stats.writes_detached >= self._worker.state.nthreads:
             return False
         self.stats.writes_detached += 1
         self._worker.handle_stimulus(
             SecedeEvent(
-                key=key,
+                key=ts.key,
                 compute_duration=event.stop - event.start,
                 stimulus_id=f"storage-write-{time.time()}",
             )
         )
         return True
 
-    async def _store_result(self, key: Any, value: object) -> None:
+    async def _store_result(self, key: Any, event: ExecuteSuccessEvent) -> None:
         if self._worker is None or self.store is None:
             return  # torn down while the task ran
         if not self._wants_stored(key):
@@ -319,13 +306,17 @@ class StorageWorkerPlugin(WorkerPlugin):
             return
         salt = (self.routing.version, (ts.annotations or {}).get("storage_version"))
         spec = ts.run_spec
+        detached = self._release_thread_slot(ts, event)
         try:
             # Shows in Dask's fine performance metrics as execute / <prefix> / store-write.
             with context_meter.meter("store-write", "seconds"):
-                nbytes, token = await self._put(key, value, lambda: task_token(spec, salt))
+                nbytes, token = await self._put(key, event.value, lambda: task_token(spec, salt))
         except Exception as e:
             self._write_failed(key, e)
             return
+        finally:
+            if detached:
+                self.stats.writes_detached -= 1
         context_meter.digest_metric("store-write", 1, "count")
         context_meter.digest_metric("store-write", nbytes, "bytes")
         # Travels with the task-finished message to SchedulerPlugin.transition.
