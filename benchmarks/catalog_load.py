@@ -21,8 +21,8 @@ import time
 import dask
 import distributed
 
-from storage_scheduler.catalog import Catalog, Entry
 from storage_scheduler.store import Store
+from storage_scheduler.store.catalog import Catalog, Entry
 
 
 async def main(argv: list[str]) -> int:
@@ -40,10 +40,12 @@ async def main(argv: list[str]) -> int:
         per_segment = max(1, args.entries // 100)
         bulk = args.entries - per_segment * args.segments
         now = time.time()
-        writer._replace({
-            (f"array-{i // 10_000:08x}", i % 100, i // 100): Entry(f"{i:032x}", 8_000_000, now)
-            for i in range(bulk)
-        })
+        writer._replace(
+            {
+                (f"array-{i // 10_000:08x}", i % 100, i // 100): Entry(f"{i:032x}", 8_000_000, now)
+                for i in range(bulk)
+            }
+        )
         t0 = time.perf_counter()
         await writer.compact()
         for s in range(args.segments):

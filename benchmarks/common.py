@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
+
 import dask
 import distributed
-import psutil
 from dask.utils import format_bytes
 from distributed import Client, LocalCluster
 
@@ -68,14 +69,18 @@ def bench_cluster(
         for key, value in (storage_options or {}).items():
             argv += ["--storage-option", f"{key}={value}"]
         scheduler_kwargs = {"preload": ["storage_scheduler"], "preload_argv": argv}
-    with dask.config.set(config), LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        memory_limit="auto" if memory_limit is None else memory_limit,
-        processes=True,
-        dashboard_address=":0",
-        scheduler_kwargs=scheduler_kwargs,
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(config),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            memory_limit="auto" if memory_limit is None else memory_limit,
+            processes=True,
+            dashboard_address=":0",
+            scheduler_kwargs=scheduler_kwargs,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         sampler = Sampler(client)
         sampler.start()
         yield cluster, client, sampler
@@ -83,7 +88,7 @@ def bench_cluster(
 
 def _traffic(dask_worker: Any) -> dict[str, int]:
     plugin = dask_worker.plugins.get("storage-scheduler")
-    figures = plugin.heartbeat_metrics() if plugin is not None else {}
+    figures = plugin.heartbeat() if plugin is not None else {}
     return {
         "peer_bytes": dask_worker.transfer_outgoing_bytes_total,
         "store_bytes_written": figures.get("bytes_written", 0),
@@ -105,9 +110,14 @@ def cluster_figures(cluster: LocalCluster, client: Client, sampler: Sampler) -> 
     )
     traffic = client.run(_traffic, on_error="ignore").values()
     return {
-        **{k: int(sum(t[k] for t in traffic if isinstance(t, dict))) for k in ("peer_bytes", "store_bytes_written", "store_bytes_read")},
+        **{
+            k: int(sum(t[k] for t in traffic if isinstance(t, dict)))
+            for k in ("peer_bytes", "store_bytes_written", "store_bytes_read")
+        },
         "pauses": sum(
-            1 for m in events if m.get("action") == "worker-status-change" and m.get("status") == "paused"
+            1
+            for m in events
+            if m.get("action") == "worker-status-change" and m.get("status") == "paused"
         ),
         "worker_restarts": sum(1 for m in events if m.get("action") == "remove-worker"),
         "spilled_bytes": int(sum(v for v in spilled.values() if isinstance(v, int))),

@@ -36,7 +36,9 @@ def workload(size_gib: float) -> da.Array:
     return da.random.default_rng(0).random((side, side), chunks=(chunk, chunk)) + 1
 
 
-def run(mode: str, size_gib: float, memory_limit: str, store_dir: str, timeout: float) -> dict[str, Any]:
+def run(
+    mode: str, size_gib: float, memory_limit: str, store_dir: str, timeout: float
+) -> dict[str, Any]:
     x = workload(size_gib)
     out: dict[str, Any] = {
         "benchmark": "persist_larger_than_memory",

@@ -32,7 +32,6 @@ from dask.utils import parse_bytes
 
 from benchmarks.common import append_jsonl, bench_cluster, cluster_figures, environment, summary
 
-
 METHODS = ["tasks", "p2p", "storage-tasks", "storage-p2p"]
 
 
@@ -43,7 +42,9 @@ def source(size_gib: float) -> da.Array:
     return da.random.default_rng(0).random((side, side), chunks=(side, narrow))
 
 
-def run(method: str, size_gib: float, memory_limit: str, work: str, timeout: float) -> dict[str, Any]:
+def run(
+    method: str, size_gib: float, memory_limit: str, work: str, timeout: float
+) -> dict[str, Any]:
     storage = method.startswith("storage")
     rechunk_method = method.removeprefix("storage-")
     x = source(size_gib)
@@ -76,7 +77,10 @@ def run(method: str, size_gib: float, memory_limit: str, work: str, timeout: flo
         out.update(cluster_figures(cluster, client, sampler))
     if out["completed"]:
         check = da.from_zarr(target)
-        out["checked"] = bool(check.shape == x.shape and float(check[:: max(1, x.shape[0] // 7), 0].sum().compute()) > 0)
+        out["checked"] = bool(
+            check.shape == x.shape
+            and float(check[:: max(1, x.shape[0] // 7), 0].sum().compute()) > 0
+        )
     return out
 
 
@@ -103,7 +107,9 @@ def main(argv: list[str]) -> int:
     stock = [done[m]["wall_seconds"] for m in ("tasks", "p2p") if m in done]
     for m in ("storage-tasks", "storage-p2p"):
         if m in done and stock:
-            print(f"wall time {m} / faster stock method: {done[m]['wall_seconds'] / min(stock):.2f}")
+            print(
+                f"wall time {m} / faster stock method: {done[m]['wall_seconds'] / min(stock):.2f}"
+            )
     append_jsonl(args.json, rows)
     return 0
 

@@ -58,7 +58,7 @@ HEADLINES: dict[
 
 def verdict(name: str, rows: Rows) -> tuple[str, str]:
     """The compared figure's ratio (or storage's own figure) and whether the target holds."""
-    what, figure, fmt, target, smaller = HEADLINES[name]
+    _, figure, fmt, target, smaller = HEADLINES[name]
     stock, storage = (median(rows, m, figure) for m in MODES)
     if name == "rerun":  # the target is on storage's own ratio
         return fmt(storage), "met" if storage <= target else "missed"
@@ -169,7 +169,7 @@ def plots(results: dict[str, Rows], directory: Path) -> list[str]:
     names = list(results)
     fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        what, figure, fmt, _, _ = HEADLINES[name]
+        what, figure, _, _, _ = HEADLINES[name]
         for x, mode in enumerate(MODES):
             values = [figure(r) for r in results[name] if r["mode"] == mode]
             ax.bar(x, statistics.median(values), color=("tab:gray", "tab:blue")[x], width=0.6)

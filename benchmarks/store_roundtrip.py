@@ -22,10 +22,11 @@ import sys
 import tempfile
 import time
 
-import dask
-import distributed
 import fsspec
 import numpy as np
+
+import dask
+import distributed
 from dask.utils import format_bytes, parse_bytes
 
 from storage_scheduler import Store

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from dask import delayed
 from dask.utils import format_bytes, parse_bytes
 from distributed import Client, LocalCluster, wait

@@ -27,9 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import dask
 import dask.array as da
-import numpy as np
 from dask.utils import format_bytes
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -66,7 +67,7 @@ def worker_sample(dask_worker: Any) -> dict[str, Any]:
     """Store and transfer figures of one worker (run on the worker)."""
     plugin = dask_worker.plugins.get("storage-scheduler")
     counters = plugin.store.counters if plugin is not None and plugin.store else None
-    from storage_scheduler.comm import is_lane
+    from storage_scheduler._protocol import is_lane
 
     log = list(dask_worker.transfer_incoming_log)
     return {
@@ -118,7 +119,9 @@ def main(argv: list[str]) -> int:
     ntasks = len(dask.optimize(result)[0].__dask_graph__())  # what the scheduler will run
     print(f"storage_scheduler demo: {ntasks} tasks over a {args.size_gib:g} GiB array")
     print(f"  store    : {store_dir}")
-    print(f"  cluster  : dask scheduler --preload storage_scheduler + 2 dask worker (log: {work / 'cluster.log'})")
+    print(
+        f"  cluster  : dask scheduler --preload storage_scheduler + 2 dask worker (log: {work / 'cluster.log'})"
+    )
 
     with CommandLineCluster(work, f"file://{store_dir}", n_workers=2, nthreads=1) as cluster:
         with Client(scheduler_file=str(cluster.scheduler_file)) as client:
@@ -155,7 +158,9 @@ def main(argv: list[str]) -> int:
             sampler.join()
             sampler.last.update(client.run(worker_sample))
             finished = client.run_on_scheduler(
-                lambda dask_scheduler: dict(dask_scheduler.plugins["demo-execution-counter"].finished)
+                lambda dask_scheduler: dict(
+                    dask_scheduler.plugins["demo-execution-counter"].finished
+                )
             )
 
     with dask.config.set(scheduler="threads"):
@@ -164,18 +169,24 @@ def main(argv: list[str]) -> int:
     recomputed = sum(n - 1 for n in finished.values() if n > 1)
 
     print()
-    print(f"  result correct        : {'yes' if correct else 'NO'} (checked against a local thread pool)")
+    print(
+        f"  result correct        : {'yes' if correct else 'NO'} (checked against a local thread pool)"
+    )
     print(f"  wall time             : {elapsed:.1f} s")
     print(f"  tasks executed        : {sum(finished.values())} (graph: {ntasks} tasks)")
     print(f"  tasks recomputed      : {recomputed}")
     print(f"  bytes written to store: {format_bytes(sampler.total('bytes_written'))}")
     print(f"  bytes read from store : {format_bytes(sampler.total('from_store'))}")
     print(f"  bytes peer-to-peer    : {format_bytes(sampler.total('from_peers'))}")
-    print(f"  left in the store     : {_store_summary(store_dir)} (intermediates are deleted once done)")
+    print(
+        f"  left in the store     : {_store_summary(store_dir)} (intermediates are deleted once done)"
+    )
 
     print()
     print("Restart: the whole cluster is shut down; a new one runs the same code on the same store")
-    with CommandLineCluster(work / "second", f"file://{store_dir}", n_workers=2, nthreads=1) as cluster:
+    with CommandLineCluster(
+        work / "second", f"file://{store_dir}", n_workers=2, nthreads=1
+    ) as cluster:
         with Client(scheduler_file=str(cluster.scheduler_file)) as client:
             client.wait_for_workers(2, timeout=60)
             client.register_plugin(ExecutionCounter())
@@ -191,7 +202,9 @@ def main(argv: list[str]) -> int:
     same = bool(np.array_equal(again, value))
     print(f"  result identical      : {'yes' if same else 'NO'}")
     print(f"  wall time             : {rerun:.1f} s (first run: {elapsed:.1f} s)")
-    print(f"  tasks executed        : {counts[0]} (plus dask's finalize step, which assembles the result)")
+    print(
+        f"  tasks executed        : {counts[0]} (plus dask's finalize step, which assembles the result)"
+    )
 
     if not args.keep_store:
         shutil.rmtree(work, ignore_errors=True)

@@ -15,17 +15,17 @@ from storage_scheduler._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from storage_scheduler.config import RoutingSettings, StoreSettings
+from storage_scheduler.config import SchedulerSettings, StoreSettings, WorkerSettings
 from storage_scheduler.enable import disable, enable
 from storage_scheduler.preload import dask_setup, dask_teardown
-from storage_scheduler.scheduler_plugin import StorageSchedulerPlugin
+from storage_scheduler.scheduler import StorageSchedulerPlugin
 from storage_scheduler.store import Store
-from storage_scheduler.worker_plugin import StorageWorkerPlugin
+from storage_scheduler.worker import StorageWorkerPlugin
 
 __all__ = [
     "IntegrityError",
     "MissingObjectError",
-    "RoutingSettings",
+    "SchedulerSettings",
     "StorageConfigError",
     "StorageSchedulerError",
     "StorageSchedulerPlugin",
@@ -34,6 +34,7 @@ __all__ = [
     "StoreError",
     "StoreSettings",
     "StoreUnavailableError",
+    "WorkerSettings",
     "dask_setup",
     "dask_teardown",
     "disable",

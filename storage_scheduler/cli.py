@@ -24,12 +24,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import click
+
 from dask.utils import format_bytes, format_time, key_split, parse_bytes, parse_timedelta
 
 from storage_scheduler._exceptions import IntegrityError, StorageSchedulerError
-from storage_scheduler.catalog import Catalog, Entry, keys_leased_by_others
 from storage_scheduler.config import parse_storage_options
 from storage_scheduler.store import Store
+from storage_scheduler.store.catalog import Catalog, Entry
+from storage_scheduler.store.leases import keys_leased_by_others
 
 __all__ = ["storage"]
 
@@ -88,7 +90,12 @@ def ls(url: str, storage_options: tuple[str, ...], limit: int | None) -> None:
     click.echo(f"{len(rows)} keys, {format_bytes(sum(e.nbytes for _, e in rows))}")
 
 
-AGE_BUCKETS = [(3600, "< 1 hour"), (86400, "< 1 day"), (7 * 86400, "< 1 week"), (float("inf"), ">= 1 week")]
+AGE_BUCKETS = [
+    (3600, "< 1 hour"),
+    (86400, "< 1 day"),
+    (7 * 86400, "< 1 week"),
+    (float("inf"), ">= 1 week"),
+]
 
 
 @storage.command("du")
@@ -122,8 +129,14 @@ def du(url: str, storage_options: tuple[str, ...], by: str) -> None:
 @storage.command("gc")
 @click.argument("url")
 @storage_option
-@click.option("--older-than", default=None, help="Delete results stored longer ago than this, e.g. 7d")
-@click.option("--max-size", default=None, help="Delete the oldest results until the store is this small, e.g. 100GiB")
+@click.option(
+    "--older-than", default=None, help="Delete results stored longer ago than this, e.g. 7d"
+)
+@click.option(
+    "--max-size",
+    default=None,
+    help="Delete the oldest results until the store is this small, e.g. 100GiB",
+)
 @click.option("--all", "everything", is_flag=True, help="Delete every stored result")
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted")
 def gc(
@@ -232,13 +245,17 @@ def rebuild_catalog(url: str, storage_options: tuple[str, ...]) -> None:
 
 @storage.command("status")
 @click.argument("scheduler_address")
-@click.option("--timeout", default="30s", show_default=True, help="How long to wait for the scheduler")
+@click.option(
+    "--timeout", default="30s", show_default=True, help="How long to wait for the scheduler"
+)
 def status(scheduler_address: str, timeout: str) -> None:
     """Task RAM and stored bytes per worker of a running cluster, and the store's totals."""
     from distributed import Client
 
     try:
-        with Client(scheduler_address, timeout=timeout, set_as_default=False) as client:
+        with Client(  # type: ignore[no-untyped-call]
+            scheduler_address, timeout=timeout, set_as_default=False
+        ) as client:
             try:
                 st = client.sync(client.scheduler.storage_status)
             except Exception as e:
@@ -281,4 +298,9 @@ def status(scheduler_address: str, timeout: str) -> None:
     )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        click.echo(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )

@@ -23,7 +23,6 @@ Loaded through the ``distributed.comm.backends`` entry point of this package.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -37,43 +36,16 @@ from distributed.core import error_message
 from distributed.metrics import context_meter
 from distributed.protocol.serialize import Serialized
 
-from storage_scheduler._exceptions import MissingObjectError
-from storage_scheduler.store import Store
+from storage_scheduler import _compat
+from storage_scheduler._protocol import SCHEME, store_id_of
+from storage_scheduler.store import Store, classify
 
-__all__ = ["StorageBackend", "is_lane", "lane_addresses", "registry", "store_id_for"]
+__all__ = ["StorageBackend", "StoreRegistry", "registry"]
 
 logger = logging.getLogger(__name__)
 
-SCHEME = "storage"
-
 #: Called with the keys a lane could not serve.
 UnreadableListener = Callable[[list[Any]], None]
-
-
-def store_id_for(url: str) -> str:
-    """A short, stable identifier of a store URL, used in lane addresses.
-
-    Examples
-    --------
-    >>> store_id_for("s3://bucket/prefix")
-    'b8f008cf'
-    """
-    return hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
-
-
-def lane_addresses(store_id: str, n: int) -> list[str]:
-    """The addresses of a store's ``n`` lanes."""
-    return [f"{SCHEME}://{store_id}-lane{i}" for i in range(n)]
-
-
-def is_lane(address: str) -> bool:
-    """Whether an address is a storage lane rather than a worker."""
-    return address.startswith(f"{SCHEME}://")
-
-
-def _store_id_of(address: str) -> str:
-    loc = address.split("://", 1)[-1]
-    return loc.rsplit("-lane", 1)[0]
 
 
 @dataclass
@@ -119,7 +91,9 @@ class StoreRegistry:
                     logger.exception("Reporting unreadable keys failed")
 
 
-#: The registry of this process.
+#: The registry of this process. Process-wide by necessity, like distributed's own
+#: ``inproc`` transport: a ``Connector`` is given an address and nothing else, so it cannot
+#: reach the server (scheduler, worker or client) on whose behalf it connects.
 registry = StoreRegistry()
 
 
@@ -133,11 +107,9 @@ class StorageComm(Comm):
     def __init__(self, address: str, store: Store, deserialize: bool = True):
         super().__init__(deserialize=deserialize)
         self._address = address
-        self._store_id = _store_id_of(address)
+        self._store_id = store_id_of(address)
         self._store = store
-        # connect() reads these two after the handshake.
-        self._peer_addr = address
-        self._local_addr = f"{SCHEME}://local"
+        _compat.set_comm_addresses(self, peer=address, local=f"{SCHEME}://local")
         self._closed = False
         self._handshake_done = False
         self._reply: asyncio.Future[Any] | None = None
@@ -167,13 +139,12 @@ class StorageComm(Comm):
             results = await asyncio.gather(*map(read, keys), return_exceptions=True)
         data: dict[Any, Any] = {}
         unreadable: list[Any] = []
-        for key, result in zip(keys, results):
+        for key, result in zip(keys, results, strict=True):
             if isinstance(result, BaseException):
                 unreadable.append(key)
-                if isinstance(result, MissingObjectError):
-                    logger.warning("Stored result of %r is gone from the store", key)
-                else:
-                    logger.warning("Cannot read the stored result of %r: %s", key, result)
+                logger.warning(
+                    "Cannot read the stored result of %r (%s): %s", key, classify(result), result
+                )
             else:
                 data[key] = result
         nbytes = sum(
@@ -207,7 +178,7 @@ class StorageComm(Comm):
 
     @property
     def local_address(self) -> str:
-        return self._local_addr
+        return f"{SCHEME}://local"
 
     @property
     def peer_address(self) -> str:
@@ -217,7 +188,7 @@ class StorageComm(Comm):
 class StorageConnector(Connector):
     async def connect(self, address: str, deserialize: bool = True, **kwargs: Any) -> Comm:
         full = f"{SCHEME}://{address}"
-        store = registry.store(_store_id_of(full))
+        store = registry.store(store_id_of(full))
         if store is None:
             # Fatal: distributed would otherwise retry for the whole connect timeout.
             raise FatalCommClosedError(f"no store is open in this process for {full}")

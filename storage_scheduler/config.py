@@ -1,10 +1,19 @@
 """Settings of storage_scheduler, read from dask config.
 
-The defaults live in ``storage-scheduler.yaml`` and are added to dask's config when the
-package is imported, so ``dask.config.set``, YAML files and environment variables such as
-``DASK_STORAGE_SCHEDULER__URL`` all work. Settings are read when stores and plugins are
-built (:meth:`StoreSettings.from_config`), never at import, so that ``dask.config.set``
-and ``gen_cluster(config=...)`` take effect.
+The defaults live only in ``storage-scheduler.yaml``, the rules only in
+``storage-scheduler-schema.yaml``: both are loaded when the package is imported, so
+``dask.config.set``, YAML files and environment variables such as
+``DASK_STORAGE_SCHEDULER__URL`` all work, and a value the schema rejects raises
+:class:`~storage_scheduler.StorageConfigError` naming the setting. Settings are read when
+stores and plugins are built, never at import, so that ``dask.config.set`` and
+``gen_cluster(config=...)`` take effect.
+
+Three groups, by who needs them:
+
+* :class:`StoreSettings`: how to open the store; every process that opens it;
+* :class:`WorkerSettings`: which results to store, where to read inputs; sent to workers;
+* :class:`SchedulerSettings`: lanes, lifecycle, reuse and memory policy; never leaves the
+  scheduler.
 """
 
 from __future__ import annotations
@@ -16,38 +25,94 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask.config
 import yaml
+
+import dask.config
 from dask.utils import parse_timedelta
 
 from storage_scheduler._exceptions import StorageConfigError
 
 __all__ = [
     "RetryPolicy",
-    "RoutingSettings",
+    "SchedulerSettings",
     "StoreSettings",
+    "WorkerSettings",
     "default_store_url",
     "parse_storage_options",
+    "redact_url",
 ]
 
 _HERE = pathlib.Path(__file__).parent
 
-
 with open(_HERE / "storage-scheduler.yaml") as _f:
     _DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
-
-
-def _load_defaults() -> None:
-    dask.config.update_defaults(_DEFAULTS)
+with open(_HERE / "storage-scheduler-schema.yaml") as _f:
+    _SCHEMA: dict[str, Any] = yaml.safe_load(_f)["properties"]["storage-scheduler"]
 
 
 def _settings() -> dict[str, Any]:
-    """``storage-scheduler.*`` over the package defaults.
+    """``storage-scheduler.*`` over the package defaults, checked against the schema.
 
     Merged here rather than trusted to dask's defaults alone: code that resets dask
     config to a snapshot (distributed's test harness, for one) drops them.
     """
-    return dask.config.merge(_DEFAULTS["storage-scheduler"], dask.config.get("storage-scheduler", {}))  # type: ignore[no-any-return]
+    cfg: dict[str, Any] = dask.config.merge(
+        _DEFAULTS["storage-scheduler"], dask.config.get("storage-scheduler", {})
+    )
+    _validate(cfg, _SCHEMA, "storage-scheduler")
+    return cfg
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "null": (type(None),),
+}
+
+
+def _validate(value: Any, schema: Mapping[str, Any], path: str) -> None:
+    """Check ``value`` against the subset of JSON schema our schema file uses.
+
+    Examples
+    --------
+    >>> _validate(3, {"type": "integer", "minimum": 1}, "lanes")
+    >>> _validate(0, {"type": "integer", "minimum": 1}, "lanes")
+    Traceback (most recent call last):
+    ...
+    storage_scheduler._exceptions.StorageConfigError: lanes must be at least 1, got 0
+    """
+    types = schema.get("type")
+    if types is not None:
+        names = [types] if isinstance(types, str) else list(types)
+        ok = any(
+            isinstance(value, _JSON_TYPES[t])
+            # bool is an int in Python, not in JSON schema
+            and not (isinstance(value, bool) and t in ("integer", "number"))
+            for t in names
+        )
+        if not ok:
+            raise StorageConfigError(f"{path} must be of type {' or '.join(names)}, got {value!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        choices = ", ".join(repr(c) for c in schema["enum"])
+        raise StorageConfigError(f"{path} must be one of {choices}, got {value!r}")
+    if "minimum" in schema and isinstance(value, (int, float)) and value < schema["minimum"]:
+        raise StorageConfigError(f"{path} must be at least {schema['minimum']}, got {value!r}")
+    if "maximum" in schema and isinstance(value, (int, float)) and value > schema["maximum"]:
+        raise StorageConfigError(f"{path} must be at most {schema['maximum']}, got {value!r}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                _validate(value[key], sub, f"{path}.{key}")
+
+
+def _seconds(cfg: Mapping[str, Any], name: str, path: str) -> float:
+    try:
+        return float(parse_timedelta(cfg[name]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise StorageConfigError(f"{path}.{name}: not a duration: {cfg[name]!r}") from e
 
 
 def default_store_url() -> str:
@@ -60,6 +125,26 @@ def default_store_url() -> str:
     return "file://" + os.path.join(cache, "dask-storage-scheduler")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password in it replaced, for messages and reprs.
+
+    Examples
+    --------
+    >>> redact_url("http://user:secret@host/path")
+    'http://user:***@host/path'
+    >>> redact_url("s3://bucket/prefix")
+    's3://bucket/prefix'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    user, at, host = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    return f"{scheme}://{netloc}{slash}{path}"
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounded retries with capped exponential backoff for transient store errors.
@@ -70,9 +155,9 @@ class RetryPolicy:
     [0.1, 0.2]
     """
 
-    attempts: int = 4
-    delay_min: float = 0.1
-    delay_max: float = 5.0
+    attempts: int
+    delay_min: float
+    delay_max: float
 
     def delays(self) -> list[float]:
         """Sleep before each retry (one fewer than ``attempts``)."""
@@ -81,22 +166,23 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """Everything needed to open a :class:`~storage_scheduler.store.Store`.
+    """Everything needed to open a :class:`~storage_scheduler.Store`.
 
     Build it with :meth:`from_config`, which validates every value and raises
     :class:`~storage_scheduler.StorageConfigError` naming the offending setting.
     """
 
     url: str
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    compression: str | bool | None = "auto"
-    max_concurrency: int = 16
-    connect_timeout: float = 30.0
-    retry: RetryPolicy = RetryPolicy()
+    storage_options: Mapping[str, Any]
+    compression: str | bool | None
+    max_concurrency: int
+    connect_timeout: float
+    retry: RetryPolicy
 
     def __repr__(self) -> str:
         # Storage options may hold credentials: name them, never show their values.
-        return f"StoreSettings(url={self.url!r}, storage_options=<{', '.join(self.storage_options)}>)"
+        options = ", ".join(self.storage_options)
+        return f"StoreSettings(url={redact_url(self.url)!r}, storage_options=<{options}>)"
 
     @classmethod
     def from_config(
@@ -104,107 +190,90 @@ class StoreSettings:
     ) -> StoreSettings:
         """Read ``storage-scheduler.*`` from dask config; arguments override it."""
         cfg = _settings()
-        url = url if url is not None else cfg.get("url")
-        if url is None or url == "":
+        url = url if url is not None else cfg["url"]
+        if not url:
             url = default_store_url()
-        if not isinstance(url, str):
-            raise StorageConfigError(f"storage-scheduler.url must be a string, got {url!r}")
-        options = dict(cfg.get("storage-options") or {})
-        options.update(storage_options or {})
-        retry = cfg.get("retry") or {}
-        try:
-            settings = cls(
-                url=url,
-                storage_options=options,
-                compression=cfg.get("compression", "auto"),
-                max_concurrency=int(cfg.get("max-concurrency", 16)),
-                connect_timeout=float(parse_timedelta(cfg.get("connect-timeout", "30s"))),
-                retry=RetryPolicy(
-                    attempts=int(retry.get("attempts", 4)),
-                    delay_min=float(parse_timedelta(retry.get("delay-min", "100ms"))),
-                    delay_max=float(parse_timedelta(retry.get("delay-max", "5s"))),
-                ),
-            )
-        except (TypeError, ValueError, KeyError) as e:
-            raise StorageConfigError(f"invalid storage-scheduler setting: {e}") from e
-        if settings.max_concurrency < 1:
-            raise StorageConfigError("storage-scheduler.max-concurrency must be at least 1")
-        if settings.retry.attempts < 1:
-            raise StorageConfigError("storage-scheduler.retry.attempts must be at least 1")
-        return settings
+        _validate(url, {"type": "string"}, "storage-scheduler.url")
+        retry = cfg["retry"]
+        return cls(
+            url=url,
+            storage_options={**cfg["storage-options"], **(storage_options or {})},
+            compression=cfg["compression"],
+            max_concurrency=cfg["max-concurrency"],
+            connect_timeout=_seconds(cfg, "connect-timeout", "storage-scheduler"),
+            retry=RetryPolicy(
+                attempts=retry["attempts"],
+                delay_min=_seconds(retry, "delay-min", "storage-scheduler.retry"),
+                delay_max=_seconds(retry, "delay-max", "storage-scheduler.retry"),
+            ),
+        )
 
 
 @dataclass(frozen=True)
-class RoutingSettings:
-    """How a cluster routes results through the store; decided by the scheduler.
+class WorkerSettings:
+    """What workers need to know to store results and read inputs (sent to them).
 
     Examples
     --------
-    >>> RoutingSettings.from_config().results
+    >>> WorkerSettings.from_config().results
     'all'
     """
 
     #: ``"all"``: store every result except keys annotated ``storage=False``;
     #: ``"annotated"``: store only keys annotated ``storage=True``.
-    results: str = "all"
+    results: str
     #: ``"store"`` or ``"peer"``: the source a worker prefers for an input both hold.
-    prefer: str = "store"
-    #: Number of storage lanes (pseudo-workers holding stored keys).
-    lanes: int = 8
+    prefer: str
     #: Version salt of every task token: change it to invalidate all stored results.
-    version: str | None = None
-    #: ``"intermediates"``: delete results no client asked for once they are forgotten;
-    #: ``"never"``: keep everything until ``dask storage gc``.
-    gc: str = "intermediates"
-    #: How often (seconds) the scheduler writes catalog changes to the store.
-    flush_interval: float = 0.5
-    #: Also require the tokens of every upstream task to match before reusing a result.
-    lineage: bool = False
-    #: When workers drop in-memory copies of stored results: never, pressure, always.
-    memory_relief: str = "pressure"
-    #: Managed memory, as a fraction of the memory limit, above which ``pressure`` drops.
-    relief_threshold: float = 0.5
+    version: str | None
+    #: Whether new results are written (``storage_scheduler.disable`` turns it off;
+    #: stored results are still read).
+    write: bool = True
 
     @classmethod
-    def from_config(cls, lanes: int | None = None) -> RoutingSettings:
+    def from_config(cls) -> WorkerSettings:
         cfg = _settings()
-        out = cls(
-            results=str(cfg.get("results", "all")),
-            prefer=str(cfg.get("prefer", "store")),
-            lanes=lanes if lanes is not None else cfg.get("lanes", 8),
-            version=None if cfg.get("version") is None else str(cfg["version"]),
-            gc=str(cfg.get("gc", "intermediates")),
-            flush_interval=float(parse_timedelta(cfg.get("flush-interval", "500ms"))),
-            lineage=bool(cfg.get("lineage", False)),
-            memory_relief=str(cfg.get("memory-relief", "pressure")),
-            relief_threshold=float(cfg.get("relief-threshold", 0.5)),
+        version = cfg["version"]
+        return cls(
+            results=cfg["results"],
+            prefer=cfg["prefer"],
+            version=None if version is None else str(version),
         )
-        if out.memory_relief not in ("never", "pressure", "always"):
-            raise StorageConfigError(
-                "storage-scheduler.memory-relief must be 'never', 'pressure' or 'always', "
-                f"got {out.memory_relief!r}"
-            )
-        if not 0 <= out.relief_threshold <= 1:
-            raise StorageConfigError(
-                f"storage-scheduler.relief-threshold must be in [0, 1], got {out.relief_threshold!r}"
-            )
-        if out.gc not in ("intermediates", "never"):
-            raise StorageConfigError(
-                f"storage-scheduler.gc must be 'intermediates' or 'never', got {out.gc!r}"
-            )
-        if out.results not in ("all", "annotated"):
-            raise StorageConfigError(
-                f"storage-scheduler.results must be 'all' or 'annotated', got {out.results!r}"
-            )
-        if out.prefer not in ("store", "peer"):
-            raise StorageConfigError(
-                f"storage-scheduler.prefer must be 'store' or 'peer', got {out.prefer!r}"
-            )
-        if not isinstance(out.lanes, int) or isinstance(out.lanes, bool) or out.lanes < 1:
-            raise StorageConfigError(
-                f"storage-scheduler.lanes must be a positive integer, got {out.lanes!r}"
-            )
-        return out
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Lanes, lifecycle, reuse and memory policy: only the scheduler reads these."""
+
+    #: Number of storage lanes (pseudo-workers holding stored keys).
+    lanes: int
+    #: ``"intermediates"``: delete results no client asked for once nothing needs them;
+    #: ``"never"``: keep everything until ``dask storage gc``.
+    gc: str
+    #: How often (seconds) the scheduler writes catalog changes to the store.
+    flush_interval: float
+    #: Also require the tokens of every upstream task to match before reusing a result.
+    lineage: bool
+    #: When workers drop in-memory copies of stored results: never, pressure, always.
+    memory_relief: str
+    #: Managed memory, as a fraction of the memory limit, above which ``pressure`` drops.
+    relief_threshold: float
+    worker: WorkerSettings = field(default_factory=WorkerSettings.from_config)
+
+    @classmethod
+    def from_config(cls, lanes: int | None = None) -> SchedulerSettings:
+        cfg = _settings()
+        if lanes is not None:
+            _validate(lanes, _SCHEMA["properties"]["lanes"], "storage-scheduler.lanes")
+        return cls(
+            lanes=cfg["lanes"] if lanes is None else lanes,
+            gc=cfg["gc"],
+            flush_interval=_seconds(cfg, "flush-interval", "storage-scheduler"),
+            lineage=cfg["lineage"],
+            memory_relief=cfg["memory-relief"],
+            relief_threshold=float(cfg["relief-threshold"]),
+            worker=WorkerSettings.from_config(),
+        )
 
 
 def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
@@ -224,4 +293,4 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-_load_defaults()
+dask.config.update_defaults(_DEFAULTS)

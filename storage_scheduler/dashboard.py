@@ -9,19 +9,20 @@ no JavaScript.
 from __future__ import annotations
 
 import html
+import itertools
 import time
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tornado import web
 
 from dask.utils import format_bytes
-from tornado import web
+
+from storage_scheduler._protocol import PLUGIN_NAME, StorageStatus
 
 if TYPE_CHECKING:
     from distributed import Scheduler
 
 __all__ = ["add_dashboard_page", "render_page"]
-
-_installed: weakref.WeakSet[Any] = weakref.WeakSet()
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -41,8 +42,10 @@ class StoragePage(web.RequestHandler):
         self.scheduler = scheduler
 
     def get(self) -> None:
-        plugin = self.scheduler.plugins.get("storage-scheduler")
-        if plugin is None or not hasattr(plugin, "catalog"):
+        from storage_scheduler.scheduler.plugin import StorageSchedulerPlugin
+
+        plugin = self.scheduler.plugins.get(PLUGIN_NAME)
+        if not isinstance(plugin, StorageSchedulerPlugin) or not plugin.started:
             self.set_status(404)
             self.write("storage_scheduler is not running on this scheduler")
             return
@@ -50,18 +53,23 @@ class StoragePage(web.RequestHandler):
         self.write(render_page(plugin.storage_status()))
 
 
-def add_dashboard_page(scheduler: Scheduler, plugin: Any) -> None:
-    """Serve ``/storage`` from the scheduler's HTTP server (once per scheduler)."""
+def add_dashboard_page(scheduler: Scheduler) -> None:
+    """Serve ``/storage`` from the scheduler's HTTP server.
+
+    The page finds the plugin in ``scheduler.plugins`` at each request, so a second
+    registration on the same server (the plugin removed and added again) is harmless:
+    the first matching route wins.
+    """
     app = getattr(scheduler, "http_application", None)
-    if app is None or scheduler in _installed:
-        return
-    app.add_handlers(r".*$", [(r"/storage", StoragePage, {"scheduler": scheduler})])
-    _installed.add(scheduler)
+    if app is not None:
+        app.add_handlers(r".*$", [(r"/storage", StoragePage, {"scheduler": scheduler})])
 
 
-def _throughput_svg(history: list[tuple[float, int, int]], width: int = 600, height: int = 120) -> str:
+def _throughput_svg(
+    history: list[tuple[float, int, int]], width: int = 600, height: int = 120
+) -> str:
     rates = []
-    for (t0, w0, r0), (t1, w1, r1) in zip(history, history[1:]):
+    for (t0, w0, r0), (t1, w1, r1) in itertools.pairwise(history):
         dt = max(t1 - t0, 1e-6)
         rates.append((t1, max(0, w1 - w0) / dt, max(0, r1 - r0) / dt))
     if not rates:
@@ -80,18 +88,22 @@ def _throughput_svg(history: list[tuple[float, int, int]], width: int = 600, hei
 
     return (
         f'<svg width="{width}" height="{height}" style="background:#fafafa;border:1px solid #ddd">'
-        f'{line(1, "#ff7f0e")}{line(2, "#2ca02c")}</svg>'
+        f"{line(1, '#ff7f0e')}{line(2, '#2ca02c')}</svg>"
         f"<p>peak {format_bytes(int(peak))}/s over the last {span:.0f} s — "
         '<span style="color:#ff7f0e">written</span>, <span style="color:#2ca02c">read</span></p>'
     )
 
 
-def render_page(status: dict[str, Any]) -> str:
+def render_page(status: StorageStatus) -> str:
     """The page's HTML for a ``storage_status()`` snapshot."""
     e = html.escape
     b = format_bytes
     workers = status["workers"]
-    scale = max([1] + [w["results_ram"] + w["tasks_ram"] for w in workers] + [w["bytes_written"] for w in workers])
+    scale = max(
+        [1]
+        + [w["results_ram"] + w["tasks_ram"] for w in workers]
+        + [w["bytes_written"] for w in workers]
+    )
     rows = []
     for w in workers:
         ram_px = int(200 * (w["results_ram"] + w["tasks_ram"]) / scale)
@@ -111,7 +123,7 @@ def render_page(status: dict[str, Any]) -> str:
         )
 
     def total(field: str) -> int:
-        return sum(w[field] for w in workers)
+        return sum(int(w[field]) for w in workers)  # type: ignore[literal-required,misc]
 
     rows.append(
         '<tr class="total"><td>total</td>'
@@ -123,9 +135,15 @@ def render_page(status: dict[str, Any]) -> str:
     facts = [
         ("store", e(status["url"])),
         ("writing new results", "yes" if status["writing"] else "no (disabled)"),
-        ("keys held in the store by this cluster", f"{status['keys_in_lanes']} ({b(status['bytes_in_lanes'])})"),
+        (
+            "keys held in the store by this cluster",
+            f"{status['keys_in_lanes']} ({b(status['bytes_in_lanes'])})",
+        ),
         ("keys in the store (catalog)", f"{status['catalog_keys']} ({b(status['catalog_bytes'])})"),
-        ("results stored since start", f"{status['stored_total']} ({b(status['stored_bytes_total'])})"),
+        (
+            "results stored since start",
+            f"{status['stored_total']} ({b(status['stored_bytes_total'])})",
+        ),
         ("keys reused instead of computed", str(status["reused_total"])),
         ("missing or corrupt objects recomputed", str(status["unreadable_total"])),
         ("objects deleted (lifecycle)", str(status["deleted_total"])),

@@ -13,13 +13,14 @@ worker side automatically.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from distributed.protocol.pickle import dumps
 
 from storage_scheduler._exceptions import StorageSchedulerError
-from storage_scheduler.scheduler_plugin import StorageSchedulerPlugin
-from storage_scheduler.worker_plugin import PLUGIN_NAME
+from storage_scheduler._protocol import PLUGIN_NAME, StorageInfo
+from storage_scheduler.config import redact_url
+from storage_scheduler.scheduler.plugin import StorageSchedulerPlugin
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -27,27 +28,35 @@ if TYPE_CHECKING:
 __all__ = ["disable", "enable"]
 
 
-async def _info(client: Client) -> dict[str, Any] | None:
+def _scheduler(client: Client) -> Any:
+    """The scheduler's RPC: its storage handlers are not in distributed's type stubs."""
+    return client.scheduler
+
+
+async def _info(client: Client) -> StorageInfo | None:
     try:
-        return await client.scheduler.storage_info()  # type: ignore[no-any-return]
+        return cast(StorageInfo, await _scheduler(client).storage_info())
     except Exception:
         return None  # no such handler: storage is not installed on this scheduler
 
 
-async def _enable(client: Client, url: str | None, storage_options: dict[str, Any]) -> dict[str, Any]:
+async def _enable(client: Client, url: str | None, storage_options: dict[str, Any]) -> StorageInfo:
     info = await _info(client)
     if info is not None:
-        if url is not None and url != info["url"]:
+        if url is not None and redact_url(url) != info["url"]:
             raise StorageSchedulerError(
-                f"storage is already enabled on this cluster with {info['url']!r}, not {url!r}"
+                f"storage is already enabled on this cluster with {info['url']!r}, "
+                f"not {redact_url(url)!r}"
             )
         if not info["writing"]:
-            return await client.scheduler.storage_set_writing(write=True)  # type: ignore[no-any-return]
+            return cast(StorageInfo, await _scheduler(client).storage_set_writing(write=True))
         return info
     plugin = StorageSchedulerPlugin(url, storage_options)
     try:
-        await client.scheduler.register_scheduler_plugin(
-            plugin=dumps(plugin), name=PLUGIN_NAME, idempotent=False
+        await _scheduler(client).register_scheduler_plugin(
+            plugin=dumps(plugin),  # type: ignore[no-untyped-call]
+            name=PLUGIN_NAME,
+            idempotent=False,
         )
     except (ModuleNotFoundError, ImportError) as e:
         raise StorageSchedulerError(
@@ -89,15 +98,15 @@ def enable(client: Client, url: str | None = None, **storage_options: Any) -> An
     Idempotent: enabling again with the same URL (or none) changes nothing, and re-enables
     writing after :func:`disable`.
     """
-    return client.sync(_enable, client, url, storage_options)
+    return client.sync(_enable, client, url, storage_options)  # type: ignore[no-untyped-call]
 
 
-async def _disable(client: Client) -> dict[str, Any]:
+async def _disable(client: Client) -> StorageInfo:
     if await _info(client) is None:
         raise StorageSchedulerError("storage is not enabled on this cluster")
-    return await client.scheduler.storage_set_writing(write=False)  # type: ignore[no-any-return]
+    return cast(StorageInfo, await _scheduler(client).storage_set_writing(write=False))
 
 
 def disable(client: Client) -> Any:
     """Stop storing new results; those already stored stay readable and are kept."""
-    return client.sync(_disable, client)
+    return client.sync(_disable, client)  # type: ignore[no-untyped-call]

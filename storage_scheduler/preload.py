@@ -24,9 +24,10 @@ from typing import Any
 
 import click
 
-from storage_scheduler.config import StoreSettings, parse_storage_options
-from storage_scheduler.scheduler_plugin import StorageSchedulerPlugin
-from storage_scheduler.worker_plugin import set_store_override
+from storage_scheduler._protocol import PLUGIN_NAME
+from storage_scheduler.config import StoreSettings, parse_storage_options, redact_url
+from storage_scheduler.scheduler.plugin import StorageSchedulerPlugin
+from storage_scheduler.worker.plugin import WorkerStoreOverride
 
 __all__ = ["dask_setup", "dask_teardown"]
 
@@ -49,13 +50,14 @@ def dask_setup(
     if isinstance(server, Scheduler):
         server.add_plugin(
             StorageSchedulerPlugin(storage_url, list(storage_option), storage_lanes),
-            name=StorageSchedulerPlugin.name,
+            name=PLUGIN_NAME,
         )
     elif isinstance(server, Worker):
         if storage_url is not None or storage_option:
             settings = StoreSettings.from_config(storage_url, parse_storage_options(storage_option))
-            set_store_override(server, settings)
-            logger.info("Worker %s will use the store at %s", server.name, settings.url)
+            # Found by the worker plugin when the scheduler pushes it.
+            server.extensions[PLUGIN_NAME] = WorkerStoreOverride(settings)
+            logger.info("Worker %s will use the store at %s", server.name, redact_url(settings.url))
 
 
 def dask_teardown(server: Any) -> None:

@@ -15,7 +15,9 @@ from tests.s3server import _die_with_parent
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cluster_env(extra: dict[str, str] | None = None, path: list[str] | None = None) -> dict[str, str]:
+def cluster_env(
+    extra: dict[str, str] | None = None, path: list[str] | None = None
+) -> dict[str, str]:
     """Environment of cluster processes: this checkout (and ``path``) importable."""
     env = {**os.environ, **(extra or {})}
     # Task functions defined in tests/ and ci/ must be importable by the workers.

@@ -28,12 +28,17 @@ def bench(args: list[str], out: Path) -> list[dict[str, object]]:
 
 
 def test_store_roundtrip(tmp_path: Path) -> None:
-    rows = bench(["benchmarks.store_roundtrip", "--sizes", "1KiB", "1MiB", "--repeat", "3"], tmp_path / "r.jsonl")
+    rows = bench(
+        ["benchmarks.store_roundtrip", "--sizes", "1KiB", "1MiB", "--repeat", "3"],
+        tmp_path / "r.jsonl",
+    )
     assert [r["nbytes"] for r in rows] == [1024, 2**20] and all(r["ratio"] > 0 for r in rows)
 
 
 def test_catalog_load(tmp_path: Path) -> None:
-    (row,) = bench(["benchmarks.catalog_load", "--entries", "20000", "--segments", "3"], tmp_path / "r.jsonl")
+    (row,) = bench(
+        ["benchmarks.catalog_load", "--entries", "20000", "--segments", "3"], tmp_path / "r.jsonl"
+    )
     assert row["entries"] == 20000 and row["load_seconds"] > 0
 
 
@@ -49,7 +54,17 @@ def test_persist_larger_than_memory(tmp_path: Path) -> None:
 
 def test_rechunk(tmp_path: Path) -> None:
     rows = bench(
-        ["benchmarks.rechunk", "--size-gib", "0.2", "--memory-limit", "1GiB", "--methods", "p2p", "storage-tasks", "storage-p2p"],
+        [
+            "benchmarks.rechunk",
+            "--size-gib",
+            "0.2",
+            "--memory-limit",
+            "1GiB",
+            "--methods",
+            "p2p",
+            "storage-tasks",
+            "storage-p2p",
+        ],
         tmp_path / "r.jsonl",
     )
     assert [r["method"] for r in rows] == ["p2p", "storage-tasks", "storage-p2p"]
@@ -74,10 +89,20 @@ def test_suite_smoke(tmp_path: Path) -> None:
         rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
         assert [r["mode"] for r in rows] == ["stock", "storage"], name
         assert all(r["correct"] for r in rows), name
-    loss = {r["mode"]: r for r in map(json.loads, (tmp_path / "worker-loss.jsonl").read_text().splitlines())}
+    loss = {
+        r["mode"]: r
+        for r in map(json.loads, (tmp_path / "worker-loss.jsonl").read_text().splitlines())
+    }
     assert loss["storage"]["worker_restarts"] >= 1  # the SIGKILL happened
-    transfer = {r["mode"]: r for r in map(json.loads, (tmp_path / "transfer.jsonl").read_text().splitlines())}
-    assert transfer["stock"]["store_bytes_written"] == 0 < transfer["storage"]["store_bytes_written"]
+    transfer = {
+        r["mode"]: r
+        for r in map(json.loads, (tmp_path / "transfer.jsonl").read_text().splitlines())
+    }
+    assert (
+        transfer["stock"]["store_bytes_written"] == 0 < transfer["storage"]["store_bytes_written"]
+    )
     report = (tmp_path / "RESULTS.md").read_text()
     assert all(f"| {name} |" in report for name in WORKLOADS)
-    assert (tmp_path / "suite.png").stat().st_size > 0 and (tmp_path / "traffic.png").stat().st_size > 0
+    assert (tmp_path / "suite.png").stat().st_size > 0 and (
+        tmp_path / "traffic.png"
+    ).stat().st_size > 0

@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from storage_scheduler import Store
-from storage_scheduler.catalog import COMPACT_AFTER, Catalog
+from storage_scheduler.store.catalog import COMPACT_AFTER, Catalog
 
 pytestmark = pytest.mark.asyncio
 
@@ -81,7 +81,11 @@ async def test_rebuild_from_objects(store: Store) -> None:
     catalog = Catalog(store)
     assert await catalog.rebuild() == 3
     again = await reload(store)
-    assert {k: e.token for k, e in again.entries.items()} == {"a": "ta", ("b", 2): "tb", "c" * 400: "tc"}
+    assert {k: e.token for k, e in again.entries.items()} == {
+        "a": "ta",
+        ("b", 2): "tb",
+        "c" * 400: "tc",
+    }
 
 
 async def test_failed_flush_keeps_changes(store: Store) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from distributed import Client, wait
 
 from storage_scheduler import Store
@@ -21,14 +22,14 @@ from tests.utils import consume, lane_keys, produce, runs
 pytestmark = [pytest.mark.slow]
 
 
-
 def test_command_line_cluster(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     url, options = backend
     marks = tmp_path / "runs"
     marks.mkdir()
-    with CommandLineCluster(tmp_path, url, options) as cluster, Client(
-        scheduler_file=str(cluster.scheduler_file)
-    ) as c:
+    with (
+        CommandLineCluster(tmp_path, url, options) as cluster,
+        Client(scheduler_file=str(cluster.scheduler_file)) as c,
+    ):
         c.wait_for_workers(2, timeout=60)
         workers = c.scheduler_info()["workers"]
         by_name = {w["name"]: addr for addr, w in workers.items()}
@@ -36,7 +37,9 @@ def test_command_line_cluster(backend: tuple[str, dict[str, Any]], tmp_path: Pat
         store = Store.from_url(url, **options)
 
         # 1. Every result has a lane in who_has, and its object is in the store.
-        producers = [c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(6)]
+        producers = [
+            c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(6)
+        ]
         wait(producers)
         who_has = c.who_has(producers)
         assert lane_keys(who_has) == {p.key for p in producers}
@@ -57,7 +60,9 @@ def test_command_line_cluster(backend: tuple[str, dict[str, Any]], tmp_path: Pat
         assert c.gather(consumers) == [100_000.0 * i for i in range(6)]
         counts = runs(marks)
         assert all(counts[f"produce-{i}"] == 1 for i in range(6)), counts
-        outgoing = c.run(lambda dask_worker: list(dask_worker.transfer_outgoing_log), workers=[b])[b]
+        outgoing = c.run(lambda dask_worker: list(dask_worker.transfer_outgoing_log), workers=[b])[
+            b
+        ]
         assert not [e for e in outgoing if e["who"] in (a, b)]  # not one byte went peer-to-peer
 
         # 4. Retiring a worker that holds stored results copies nothing to its peers.
@@ -69,7 +74,9 @@ def test_command_line_cluster(backend: tuple[str, dict[str, Any]], tmp_path: Pat
         held = [c.submit(produce, i, str(marks), key=f"held-{i}", workers=[b]) for i in range(4)]
         wait(held)
         c.retire_workers([b])
-        incoming = c.run(lambda dask_worker: list(dask_worker.transfer_incoming_log), workers=[c_addr])
+        incoming = c.run(
+            lambda dask_worker: list(dask_worker.transfer_incoming_log), workers=[c_addr]
+        )
         assert incoming[c_addr] == []
         assert lane_keys(c.who_has(held)) == {h.key for h in held}
         assert [float(x.sum()) for x in c.gather(held)] == [100_000.0 * i for i in range(4)]
@@ -81,7 +88,10 @@ def test_command_line_cluster(backend: tuple[str, dict[str, Any]], tmp_path: Pat
     "url, options",
     [
         ("s4://bucket/prefix", []),
-        ("s3://bucket/prefix", ["--storage-option", f"endpoint_url=http://127.0.0.1:{free_port()}"]),
+        (
+            "s3://bucket/prefix",
+            ["--storage-option", f"endpoint_url=http://127.0.0.1:{free_port()}"],
+        ),
     ],
     ids=["misspelled-protocol", "unreachable-endpoint"],
 )
@@ -89,10 +99,20 @@ def test_bad_store_url_stops_scheduler(url: str, options: list[str], tmp_path: P
     env = {**os.environ, "DASK_STORAGE_SCHEDULER__CONNECT_TIMEOUT": "10s"}
     proc = subprocess.run(
         [
-            dask_cmd(), "scheduler", "--host", "127.0.0.1", "--port", "0",
-            "--dashboard-address", ":0",
-            "--preload", "storage_scheduler", "--storage-url", url, *options,
-        ],  # fmt: skip
+            dask_cmd(),
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dashboard-address",
+            ":0",
+            "--preload",
+            "storage_scheduler",
+            "--storage-url",
+            url,
+            *options,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -107,7 +127,11 @@ def test_bad_store_url_stops_scheduler(url: str, options: list[str], tmp_path: P
 def test_worker_preload_alone(tmp_path: Path) -> None:
     """A worker started with --preload storage_scheduler joins a storage cluster normally."""
     out = subprocess.run(
-        [sys.executable, "-c", "import storage_scheduler; print(storage_scheduler.dask_setup.name)"],
+        [
+            sys.executable,
+            "-c",
+            "import storage_scheduler; print(storage_scheduler.dask_setup.name)",
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -5,9 +5,10 @@ import pathlib
 import subprocess
 import sys
 
-import dask
 import jsonschema
 import yaml
+
+import dask
 
 import storage_scheduler
 from storage_scheduler import StoreSettings
@@ -32,7 +33,9 @@ def test_default_store_is_persistent_directory() -> None:
 
 
 def test_config_set_overrides() -> None:
-    with dask.config.set({"storage-scheduler.url": "memory://x", "storage-scheduler.retry.attempts": 2}):
+    with dask.config.set(
+        {"storage-scheduler.url": "memory://x", "storage-scheduler.retry.attempts": 2}
+    ):
         s = StoreSettings.from_config()
     assert s.url == "memory://x" and s.retry.attempts == 2
     assert StoreSettings.from_config("memory://y").url == "memory://y"
@@ -41,7 +44,11 @@ def test_config_set_overrides() -> None:
 def test_environment_variable() -> None:
     env = {**os.environ, "DASK_STORAGE_SCHEDULER__URL": "s3://from-env/prefix"}
     out = subprocess.run(
-        [sys.executable, "-c", "from storage_scheduler import StoreSettings; print(StoreSettings.from_config().url)"],
+        [
+            sys.executable,
+            "-c",
+            "from storage_scheduler import StoreSettings; print(StoreSettings.from_config().url)",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import pytest
+
+import dask
 from distributed import Client, LocalCluster, wait
+from distributed.utils_test import poll_for
 
 import storage_scheduler
 from storage_scheduler import StorageSchedulerError, Store, StoreUnavailableError
 from tests.cluster_cli import cluster_env, dask_cmd
 from tests.s3server import free_port
-from tests.utils import lane_keys
+from tests.utils import cataloged_keys, lane_keys
 
 pytestmark = [pytest.mark.slow]
 
@@ -76,9 +77,11 @@ def test_enable_on_a_running_stock_cluster(backend: tuple[str, dict[str, Any]]) 
 def test_enable_with_unreachable_store_fails_cleanly() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     # LocalCluster runs its scheduler in this process: this config reaches it.
-    with dask.config.set({"storage-scheduler.connect-timeout": "5s"}), stock_cluster(
-        1
-    ) as cluster, Client(cluster) as c:
+    with (
+        dask.config.set({"storage-scheduler.connect-timeout": "5s"}),
+        stock_cluster(1) as cluster,
+        Client(cluster) as c,
+    ):
         with pytest.raises(StoreUnavailableError, match="s3://bucket/prefix") as info:
             storage_scheduler.enable(
                 c, "s3://bucket/prefix", endpoint_url=endpoint, key="k", secret=SECRET
@@ -93,7 +96,9 @@ def test_enable_with_unreachable_store_fails_cleanly() -> None:
 def test_enable_names_a_worker_without_the_package(tmp_path: Path) -> None:
     shadow = tmp_path / "shadow"
     shadow.mkdir()
-    (shadow / "storage_scheduler.py").write_text("raise ModuleNotFoundError(\"No module named 'storage_scheduler'\")\n")
+    (shadow / "storage_scheduler.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'storage_scheduler'\")\n"
+    )
     with stock_cluster(1) as cluster, Client(cluster) as c:
         proc = subprocess.Popen(
             [dask_cmd(), "worker", cluster.scheduler_address, "--name", "bare", "--nthreads", "1",
@@ -129,17 +134,33 @@ def test_secrets_stay_out_of_logs_pages_and_errors(
         with pytest.raises(StorageSchedulerError) as info:
             storage_scheduler.enable(c, "s3://other/prefix", secret=SECRET)
         seen.append(str(info.value))
-        seen.append(repr(c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["storage-scheduler"].settings)))
+        seen.append(
+            repr(
+                c.run_on_scheduler(
+                    lambda dask_scheduler: (
+                        dask_scheduler.plugins["storage-scheduler"].store_settings
+                    )
+                )
+            )
+        )
         # Every dashboard page a user would open.
         base = cluster.dashboard_link.rsplit("/", 1)[0]
         for page in ["/status", "/workers", "/info/main/workers.html", "/info/main/scheduler.html",
                      "/individual-plugins", "/metrics", "/sitemap.json"]:  # fmt: skip
             try:
-                seen.append(urllib.request.urlopen(base + page, timeout=30).read().decode(errors="replace"))
+                seen.append(
+                    urllib.request.urlopen(base + page, timeout=30).read().decode(errors="replace")
+                )
             except OSError:
                 pass
         assert len(seen) >= 5
-        time.sleep(0.5)
+        # The scheduler's background round has run with the storage options (catalog
+        # written, lease renewed): anything it logs is in the output checked below.
+        store = Store.from_url(url, **options)
+        try:
+            poll_for(lambda: {"x", "y"} <= asyncio.run(cataloged_keys(store)), timeout=30)
+        finally:
+            store.close()
     out, err = capfd.readouterr()
     seen += [out, err]
     assert "storage-scheduler" in err or "storage_scheduler" in err  # the logs were captured

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from distributed import Client, LocalCluster, wait
 from distributed.utils_test import gen_test
 
@@ -28,23 +29,27 @@ def preload_kwargs(url: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"preload": ["storage_scheduler"], "preload_argv": argv}
 
 
-
 @gen_test(timeout=180)
 async def test_sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     url, options = backend
     marks = tmp_path / "runs"
     marks.mkdir()
-    async with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        asynchronous=True,
-        dashboard_address=":0",
-        scheduler_kwargs=preload_kwargs(url, options),
-    ) as cluster, Client(cluster, asynchronous=True) as c:
+    async with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            asynchronous=True,
+            dashboard_address=":0",
+            scheduler_kwargs=preload_kwargs(url, options),
+        ) as cluster,
+        Client(cluster, asynchronous=True) as c,
+    ):
         a, b = sorted(cluster.scheduler.workers)
         producers = [
-            c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a], allow_other_workers=True)
+            c.submit(
+                produce, i, str(marks), key=f"produce-{i}", workers=[a], allow_other_workers=True
+            )
             for i in range(8)
         ]
         consumers = [
@@ -74,21 +79,27 @@ async def test_store_stopped_mid_run(tmp_path: Path) -> None:
     marks.mkdir()
     with MotoServer() as server:
         url = f"s3://{make_bucket(server.endpoint)}/results"
-        async with LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            asynchronous=True,
-            dashboard_address=":0",
-            scheduler_kwargs=preload_kwargs(url, s3_options(server.endpoint)),
-        ) as cluster, Client(cluster, asynchronous=True) as c:
+        async with (
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                asynchronous=True,
+                dashboard_address=":0",
+                scheduler_kwargs=preload_kwargs(url, s3_options(server.endpoint)),
+            ) as cluster,
+            Client(cluster, asynchronous=True) as c,
+        ):
             a, b = sorted(cluster.scheduler.workers)
-            first = [c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(4)]
+            first = [
+                c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(4)
+            ]
             await wait(first)
             assert lane_keys(await c.who_has(first)) == {f.key for f in first}
             server.stop()
             later = [
-                c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(4, 8)
+                c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a])
+                for i in range(4, 8)
             ]
             consumers = [
                 c.submit(consume, p, str(marks), i, key=f"consume-{i}", workers=[b])

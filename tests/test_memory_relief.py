@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import dask
 import numpy as np
 import pytest
+
+import dask
 from distributed import wait
+from distributed.active_memory_manager import ActiveMemoryManagerPolicy, SuggestionGenerator
 from distributed.utils_test import gen_cluster
 
-from storage_scheduler.comm import is_lane
+from storage_scheduler._protocol import is_lane
 from tests.utils import enable_storage
 
 FAST_AMM = {"distributed.scheduler.active-memory-manager.interval": "50ms"}
@@ -25,6 +27,17 @@ async def until(condition, timeout: float = 10) -> None:  # type: ignore[no-unty
         await asyncio.sleep(0.02)
 
 
+class CountRounds(ActiveMemoryManagerPolicy):
+    """Counts the rounds of the active memory manager; suggests nothing."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def run(self) -> SuggestionGenerator:
+        self.rounds += 1
+        yield from ()
+
+
 def holders(s, key: str) -> set[str]:  # type: ignore[no-untyped-def]
     return {ws.address for ws in s.tasks[key].who_has}
 
@@ -35,7 +48,7 @@ async def test_always_drops_stored_results_from_ram(c, s, a, b, tmp_path: Path) 
     x = c.submit(np.full, MiB // 8, 3.0, key="x", workers=[a.address])
     await wait(x)
     await until(lambda: "x" not in a.data)
-    assert holders(s, "x") == {plugin.lane_for("x").address}
+    assert holders(s, "x") == {plugin.lanes.lane_for("x").address}
     assert s.tasks["x"].state == "memory"
     assert a.state.nbytes == 0  # managed memory counts only what is really in RAM
     # Needed again on the same worker: read back from the store.
@@ -91,14 +104,18 @@ async def test_no_relief_without_pressure(c, s, a, b, tmp_path: Path, mode: str)
         await enable_storage(s, str(tmp_path / "store"))
     x = c.submit(np.ones, 1000, key="x", workers=[a.address])
     await wait(x)
-    await asyncio.sleep(0.3)  # several AMM rounds
+    # Nothing to wait for: x must stay. Give the policies several AMM rounds in which
+    # they could (wrongly) drop it, counted rather than timed.
+    rounds = CountRounds()
+    s.extensions["amm"].add_policy(rounds)
+    await until(lambda: rounds.rounds >= 5)
     assert "x" in a.data
 
 
 def test_bad_relief_settings() -> None:
-    from storage_scheduler import RoutingSettings, StorageConfigError
+    from storage_scheduler import SchedulerSettings, StorageConfigError
 
     for key, value in [("memory-relief", "sometimes"), ("relief-threshold", 2)]:
         with dask.config.set({f"storage-scheduler.{key}": value}):
             with pytest.raises(StorageConfigError, match=key):
-                RoutingSettings.from_config()
+                SchedulerSettings.from_config()

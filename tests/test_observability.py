@@ -10,16 +10,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import pytest
+
+import dask
 from dask import delayed
 from distributed import wait
-from distributed.utils_test import fetch_metrics, gen_test
+from distributed.utils_test import async_poll_for, fetch_metrics, gen_test
 
 from storage_scheduler import Store
 from storage_scheduler.metrics import METRICS
-from tests.utils import storage_cluster
+from storage_scheduler.scheduler.status import heartbeat_of
+from tests.utils import async_poll_until, cataloged_keys, storage_cluster
 
 pytestmark = [pytest.mark.slow]
 
@@ -30,9 +32,23 @@ def inc(x: int) -> int:
     return x + 1
 
 
+def heartbeats_carry_writes(s: Any, plugin: Any) -> bool:
+    """The workers' last heartbeats report every object the scheduler saw stored."""
+    beats = [heartbeat_of(ws) for ws in s.workers.values()]
+    return (
+        plugin.counters.stored > 0
+        and sum(b["objects_written"] for b in beats) == plugin.counters.stored
+        and sum(b["bytes_written"] for b in beats) == plugin.counters.stored_bytes
+    )
+
+
 def values(families: dict[str, Any], name: str) -> dict[tuple[str, ...], float]:
     family = families[f"{PREFIX}_{name}".removesuffix("_total")]
-    return {tuple(s.labels.values()): s.value for s in family.samples if s.name.endswith(("_total", name)) or s.name == family.name}
+    return {
+        tuple(s.labels.values()): s.value
+        for s in family.samples
+        if s.name.endswith(("_total", name)) or s.name == family.name
+    }
 
 
 @gen_test(timeout=90)
@@ -44,13 +60,22 @@ async def test_metrics_move_with_a_computation(tmp_path: Path) -> None:
             xs = c.map(np.full, [10_000] * 6, range(6), key=[f"x-{i}" for i in range(6)])
             total = c.submit(lambda *a: float(sum(x.sum() for x in a)), *xs, key="total")
             assert await total == 10_000 * sum(range(6))
-            await asyncio.sleep(0.6)  # one catalog flush
+            store = Store.from_url(url)
+            keys = [f"x-{i}" for i in range(6)] + ["total"]
+
+            async def flushed() -> bool:
+                return set(keys) <= await cataloged_keys(store)
+
+            await async_poll_until(flushed, timeout=10, what="catalog flush")
 
             sched = await fetch_metrics(s.http_server.port, PREFIX)
-            assert set(sched) >= {f"{PREFIX}_{n.removesuffix('_total')}" for n in METRICS if not n.startswith("worker_")}
+            assert set(sched) >= {
+                f"{PREFIX}_{n.removesuffix('_total')}"
+                for n in METRICS
+                if not n.startswith("worker_")
+            }
             assert values(sched, "results_stored_total")[()] == 7
-            store = Store.from_url(url)
-            sizes = await store.sizes([f"x-{i}" for i in range(6)] + ["total"])
+            sizes = await store.sizes(keys)
             assert values(sched, "catalog_bytes")[()] == sum(sizes.values())
 
             worker = next(iter(s.workers))
@@ -98,13 +123,28 @@ async def test_dashboard_page_in_chromium(tmp_path: Path) -> None:
         x = c.submit(np.random.random, 200_000, key="x")
         futures = [c.submit(np.sum, x, key=f"sum-{i}") for i in range(5)]
         await wait(futures)
-        await asyncio.sleep(2.5)  # heartbeats carry the workers' store figures
+
+        def page_has_data() -> bool:
+            # Heartbeats carry the workers' store figures, and the throughput chart has
+            # two history samples (one a second at most), the last after the writes.
+            samples = plugin.history.samples
+            return (
+                heartbeats_carry_writes(s, plugin)
+                and len(samples) >= 2
+                and samples[-1][1] == plugin.counters.stored_bytes
+            )
+
+        await async_poll_for(page_has_data, timeout=15)
         page = f"http://127.0.0.1:{s.http_server.port}/storage"
         exe = chromium()
         assert exe, "chromium is not installed"
         args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
         proc = await asyncio.create_subprocess_exec(
-            *args, "--dump-dom", page, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *args,
+            "--dump-dom",
+            page,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         dom, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0
@@ -127,25 +167,43 @@ async def test_dashboard_page_in_chromium(tmp_path: Path) -> None:
 async def test_status_command(tmp_path: Path) -> None:
     url = str(tmp_path / "store")
     async with storage_cluster(url) as (c, s, plugin):
-        assert await c.compute(delayed(inc)(delayed(inc)(1, dask_key_name="a"), dask_key_name="b")) == 3
-        await asyncio.sleep(2.5)  # heartbeats
+        assert (
+            await c.compute(delayed(inc)(delayed(inc)(1, dask_key_name="a"), dask_key_name="b"))
+            == 3
+        )
+        await async_poll_for(lambda: heartbeats_carry_writes(s, plugin), timeout=15)
         exe = os.path.join(os.path.dirname(sys.executable), "dask")
         proc = await asyncio.create_subprocess_exec(
-            exe, "storage", "status", s.address, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            exe,
+            "storage",
+            "status",
+            s.address,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
         text = out.decode()
         assert url in text and "RAM results" in text and "RAM tasks" in text
         lines = text.splitlines()
-        assert sum(1 for line in lines if line.split() and line.split()[0] in {str(ws.name) for ws in s.workers.values()}) == 2
+        assert (
+            sum(
+                1
+                for line in lines
+                if line.split() and line.split()[0] in {str(ws.name) for ws in s.workers.values()}
+            )
+            == 2
+        )
         assert lines[-1].startswith("total")
 
 
 def test_status_command_errors() -> None:
     exe = os.path.join(os.path.dirname(sys.executable), "dask")
     out = subprocess.run(
-        [exe, "storage", "status", "tcp://127.0.0.1:1", "--timeout", "2s"], capture_output=True, text=True, timeout=60
+        [exe, "storage", "status", "tcp://127.0.0.1:1", "--timeout", "2s"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode != 0 and "tcp://127.0.0.1:1" in out.stderr
 

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import pytest
+
+import dask.array as da
 from dask import delayed
 from distributed import Client, LocalCluster, wait
 
@@ -41,7 +42,7 @@ def tree(marks: str, n: int = 1024, delay: float = 0.0) -> Any:
         level = [
             delayed(combine)(a, b, marks=marks, name=f"node-{depth}-{i}", delay=delay,
                              dask_key_name=f"node-{depth}-{i}")
-            for i, (a, b) in enumerate(zip(level[::2], level[1::2]))
+            for i, (a, b) in enumerate(zip(level[::2], level[1::2], strict=True))
         ]  # fmt: skip
     return level[0]
 
@@ -51,7 +52,6 @@ def block(b: np.ndarray, marks: str, block_info: Any = None) -> np.ndarray:
     return b * 2
 
 
-
 def test_full_restart_executes_nothing(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     url, options = backend
     marks = tmp_path / "runs"
@@ -59,9 +59,10 @@ def test_full_restart_executes_nothing(backend: tuple[str, dict[str, Any]], tmp_
     x = da.arange(4000, chunks=100).map_blocks(block, str(marks), dtype=int)
     results = []
     for session in range(2):
-        with CommandLineCluster(tmp_path / f"s{session}", url, options) as cluster, Client(
-            scheduler_file=str(cluster.scheduler_file)
-        ) as c:
+        with (
+            CommandLineCluster(tmp_path / f"s{session}", url, options) as cluster,
+            Client(scheduler_file=str(cluster.scheduler_file)) as c,
+        ):
             c.wait_for_workers(2, timeout=60)
             t = tree(str(marks))
             assert len(t.__dask_graph__()) >= 2000
@@ -80,13 +81,19 @@ def test_full_restart_executes_nothing(backend: tuple[str, dict[str, Any]], tmp_
 def test_client_restart_reuses(tmp_path: Path) -> None:
     marks = tmp_path / "runs"
     marks.mkdir()
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        scheduler_kwargs={"preload": ["storage_scheduler"], "preload_argv": ["--storage-url", str(tmp_path / "store")]},
-    ) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            scheduler_kwargs={
+                "preload": ["storage_scheduler"],
+                "preload_argv": ["--storage-url", str(tmp_path / "store")],
+            },
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         t = tree(str(marks), n=64)
         assert c.compute(t).result() == sum(range(64))
         before = sum(runs(marks).values())
@@ -111,9 +118,10 @@ def test_resume_after_crash(tmp_path: Path) -> None:
             cluster.kill()
             done_at_kill = sum(runs(marks).values())
             del future
-    with CommandLineCluster(tmp_path / "s1", url, env=env) as cluster, Client(
-        scheduler_file=str(cluster.scheduler_file)
-    ) as c:
+    with (
+        CommandLineCluster(tmp_path / "s1", url, env=env) as cluster,
+        Client(scheduler_file=str(cluster.scheduler_file)) as c,
+    ):
         c.wait_for_workers(2, timeout=60)
         assert c.compute(t).result() == sum(range(128))
     second = sum(runs(marks).values()) - done_at_kill

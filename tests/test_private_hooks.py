@@ -6,14 +6,21 @@ fails first and names the hook, instead of a cluster misbehaving somewhere later
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from typing import Any
 
 import pytest
+
 from distributed import Scheduler, Worker
 from distributed import scheduler as scheduler_module
 from distributed import worker_state_machine as wsm
 from distributed.active_memory_manager import ActiveMemoryManagerExtension
 from distributed.comm.core import Comm
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from distributed.utils_test import gen_cluster, inc
+
+from storage_scheduler import _compat
 
 
 def params(func: object) -> list[str]:
@@ -31,10 +38,16 @@ def params(func: object) -> list[str]:
         (Scheduler.add_replica, ["self", "ts", "ws"]),
         (Scheduler.remove_replica, ["self", "ts", "ws"]),
         (Scheduler.register_scheduler_plugin, ["self", "plugin", "name", "idempotent"]),
-        (Scheduler.broadcast, ["self", "msg", "workers", "hosts", "nanny", "serializers", "on_error"]),
+        (
+            Scheduler.broadcast,
+            ["self", "msg", "workers", "hosts", "nanny", "serializers", "on_error"],
+        ),
         (Scheduler.unregister_worker_plugin, ["self", "comm", "name"]),
         # The task-finished metadata reaches SchedulerPlugin.transition through here.
-        (Scheduler.stimulus_task_finished, ["self", "worker", "stimulus_id", "key", "run_id", "metadata", "kwargs"]),
+        (
+            Scheduler.stimulus_task_finished,
+            ["self", "worker", "stimulus_id", "key", "run_id", "metadata", "kwargs"],
+        ),
         (ActiveMemoryManagerExtension.add_policy, ["self", "policy"]),
     ],
     ids=lambda v: getattr(v, "__qualname__", "") if callable(v) else "",
@@ -52,7 +65,7 @@ def test_lane_worker_state_constructor() -> None:
 
 
 def test_worker_state_swap_is_layout_compatible() -> None:
-    from storage_scheduler.worker_plugin import PeerFirstWorkerState, StoreFirstWorkerState
+    from storage_scheduler._compat import PeerFirstWorkerState, StoreFirstWorkerState
 
     for cls in (StoreFirstWorkerState, PeerFirstWorkerState):
         assert cls.__slots__ == ()
@@ -89,3 +102,219 @@ def test_p2p_barrier_and_fusion_alias() -> None:
 
     assert issubclass(P2PBarrierTask, Task)
     assert "target" in Alias.__slots__ or hasattr(Alias, "target")
+
+
+# ------------------------------------------- each function of storage_scheduler._compat
+
+
+def test_every_compat_function_is_tested_here() -> None:
+    """The compatibility module is the single door to distributed's internals: each of
+    its functions must have a case in this file."""
+    from storage_scheduler import _compat
+
+    source = inspect.getsource(__import__(__name__, fromlist=["_"]))
+    untested = [name for name in _compat.__all__ if f"_compat.{name}" not in source]
+    assert not untested
+
+
+@gen_cluster(client=True)
+async def test_lane_replicas(c: Any, s: Scheduler, a: Worker, b: Worker) -> None:
+    lane = _compat.make_lane(s, "storage://abc-lane0")
+    assert lane.address not in s.workers and lane.status.name == "paused" and lane.nthreads == 0
+    x = c.submit(inc, 1, key="x")
+    await x
+    ts = s.tasks["x"]
+    _compat.add_replica(s, ts, lane)
+    assert lane in ts.who_has and ts in lane.has_what and lane.nbytes == ts.nbytes
+    _compat.remove_replica(s, ts, lane)
+    assert lane not in ts.who_has and not lane.has_what
+    _compat.add_replica(s, ts, lane)
+    _compat.clear_lane(lane)
+    assert not lane.has_what and lane.nbytes == 0
+    # clear_lane is for Scheduler.restart, which forgets every task; here x lives on.
+    ts.who_has.discard(lane)
+    s.replicated_tasks.discard(ts)
+
+
+@gen_cluster(client=True)
+async def test_graph_surgery_in_update_graph(c: Any, s: Scheduler, a: Worker, b: Worker) -> None:
+    seen: dict[str, Any] = {}
+    lane = _compat.make_lane(s, "storage://abc-lane0")
+
+    class Probe(SchedulerPlugin):
+        def update_graph(self, scheduler: Scheduler, *, keys: set[Any], **kwargs: Any) -> None:
+            if "top" not in scheduler.tasks:
+                return
+            dep, top = scheduler.tasks["dep"], scheduler.tasks["top"]
+            seen["dep"] = dep.state
+            _compat.put_in_memory(scheduler, dep, 8, lane)
+            seen["in-memory"] = (dep.state, lane in dep.who_has, dep.nbytes)
+            _compat.undo_put_in_memory(scheduler, dep, lane)
+            seen["undone"] = (dep.state, bool(dep.who_has))
+            deps = _compat.detach_dependencies(top)
+            seen["detached"] = (len(top.dependencies), top in dep.dependents, deps == [dep])
+            _compat.attach_dependencies(top, deps)
+            seen["attached"] = (top.dependencies == {dep}, top in dep.dependents)
+
+    await s.register_scheduler_plugin(Probe(), name="probe", idempotent=False)
+    from dask import delayed
+
+    top = delayed(inc)(delayed(inc)(1, dask_key_name="dep"), dask_key_name="top")
+    assert await c.compute(top) == 3
+    assert seen == {
+        "dep": "released",
+        "in-memory": ("memory", True, 8),
+        "undone": ("released", False),
+        "detached": (0, False, True),
+        "attached": (True, True),
+    }
+
+
+@gen_cluster(client=True)
+async def test_finalize_key_convention(c: Any, s: Scheduler, a: Worker, b: Worker) -> None:
+    import dask.array as da
+
+    await c.compute(da.ones(4, chunks=2))
+    assert any(_compat.is_finalize_key(k) for k in s.tasks) or any(
+        _compat.is_finalize_key(e) for e in c.futures
+    )
+    assert not _compat.is_finalize_key(("ones", 0))
+
+
+def test_p2p_step_recognition() -> None:
+    from types import SimpleNamespace
+
+    from dask._task_spec import Alias
+    from distributed.shuffle._core import P2PBarrierTask
+
+    barrier: Any = SimpleNamespace(run_spec=P2PBarrierTask("b", inc, 1, spec=None))
+    alias: Any = SimpleNamespace(run_spec=Alias("a", "b"))
+    assert _compat.is_p2p_barrier(barrier) and not _compat.is_p2p_barrier(alias)
+    assert _compat.is_p2p_step_alias(alias) and not _compat.is_p2p_step_alias(barrier)
+
+
+class Marker(WorkerPlugin):
+    name = "marker"
+
+    def setup(self, worker: Worker) -> None:
+        worker.extensions["marker"] = True
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_broadcast_worker_plugin(c: Any, s: Scheduler, a: Worker) -> None:
+    from distributed.protocol.pickle import dumps
+
+    responses = await _compat.broadcast_worker_plugin(s, "marker", dumps(Marker()))
+    assert responses[a.address]["status"] == "OK" and a.extensions["marker"]
+    async with Worker(s.address) as late:  # joins later: gets it too
+        assert late.extensions["marker"]
+
+
+@gen_cluster(config={"distributed.scheduler.active-memory-manager.start": True})
+async def test_amm_policy_swap(s: Scheduler, a: Worker, b: Worker) -> None:
+    from distributed.active_memory_manager import ReduceReplicas
+
+    from storage_scheduler.scheduler.amm import LaneAwareReduceReplicas
+
+    policies = _compat.amm_policies(s)
+    assert policies is not None and {type(p) for p in policies} == {ReduceReplicas}
+    _compat.replace_amm_policy(s, ReduceReplicas, LaneAwareReduceReplicas)
+    assert {type(p) for p in policies} == {LaneAwareReduceReplicas}
+    _compat.replace_amm_policy(s, LaneAwareReduceReplicas, None)
+    assert not policies
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_execute_wrapper_and_metadata(c: Any, s: Scheduler, a: Worker) -> None:
+    events: list[bool] = []
+    received: list[Any] = []
+
+    def wrapper(original: Any) -> Any:
+        async def execute(key: Any, *, stimulus_id: str) -> Any:
+            event = await original(key, stimulus_id=stimulus_id)
+            events.append(_compat.execute_succeeded(event))
+            ts = _compat.worker_task(a, key)
+            assert ts is not None
+            _compat.finished_metadata(ts)["probe"] = key
+            return event
+
+        return execute
+
+    class Receiver(SchedulerPlugin):
+        def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+            if start == "processing" and finish == "memory":
+                received.append((kwargs.get("metadata") or {}).get("probe"))
+
+    await s.register_scheduler_plugin(Receiver(), name="receiver", idempotent=False)
+    original = _compat.wrap_execute(a, wrapper)
+    assert await c.submit(inc, 1, key="ok") == 2
+    with pytest.raises(ZeroDivisionError):
+        await c.submit(lambda: 1 / 0, key="bad")
+    _compat.restore_execute(a, original)
+    assert a.execute == original
+    assert events == [True, False] and received == ["ok"]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_worker_task_skips_actors(c: Any, s: Scheduler, a: Worker) -> None:
+    class Counter:
+        n = 0
+
+    actor = c.submit(Counter, actor=True, key="actor")
+    await actor
+    await c.submit(inc, 1, key="plain")
+    assert _compat.worker_task(a, "actor") is None
+    task = _compat.worker_task(a, "plain")
+    assert task is not None and task.key == "plain"
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_release_thread_slot(c: Any, s: Scheduler, a: Worker) -> None:
+    """A task that released its slot is long-running: the next task starts at once."""
+    released: list[bool] = []
+    go = asyncio.Event()
+
+    def wrapper(original: Any) -> Any:
+        async def execute(key: Any, *, stimulus_id: str) -> Any:
+            event = await original(key, stimulus_id=stimulus_id)
+            if key == "first":
+                ts = _compat.worker_task(a, key)
+                assert ts is not None
+                released.append(_compat.release_thread_slot(a, ts, 0.0, "test"))
+                await go.wait()  # like a slow write
+            return event
+
+        return execute
+
+    _compat.wrap_execute(a, wrapper)
+    first = c.submit(inc, 1, key="first")
+    assert await c.submit(inc, 2, key="second") == 3  # ran while "first" was held
+    assert released == [True] and a.state.tasks["first"].state == "long-running"
+    go.set()
+    assert await first == 2
+
+
+@gen_cluster(nthreads=[("", 1)])
+async def test_state_class_swap(s: Scheduler, a: Worker) -> None:
+    original = _compat.swap_state_class(a, _compat.StoreFirstWorkerState)
+    assert type(a.state) is _compat.StoreFirstWorkerState and original is wsm.WorkerState
+    _compat.swap_state_class(a, _compat.PeerFirstWorkerState)
+    assert type(a.state) is _compat.PeerFirstWorkerState
+    _compat.swap_state_class(a, original)
+    assert type(a.state) is wsm.WorkerState
+
+
+@gen_cluster(client=True)
+async def test_comm_addresses_and_live_servers(c: Any, s: Scheduler, a: Worker, b: Worker) -> None:
+    schedulers, workers = _compat.live_servers()
+    assert s in schedulers and {a, b} <= set(workers)
+    # The storage comm sets the two addresses connect() reads after the handshake.
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    await x
+
+    class Bare:
+        pass
+
+    comm = Bare()
+    _compat.set_comm_addresses(comm, peer="storage://p", local="storage://l")
+    assert (comm._peer_addr, comm._local_addr) == ("storage://p", "storage://l")  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from distributed import Client
 
 from storage_scheduler import Store

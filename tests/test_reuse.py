@@ -6,16 +6,17 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import dask
-import dask.array as da
 import numpy as np
 import pytest
+
+import dask
+import dask.array as da
 from dask import delayed
 from distributed import wait
-from distributed.utils_test import gen_test
+from distributed.utils_test import async_poll_for, gen_test
 
 from storage_scheduler import Store
-from tests.utils import storage_cluster
+from tests.utils import async_poll_until, cataloged_keys, leased_keys, storage_cluster
 
 CALLS: list[Any] = []
 
@@ -63,7 +64,7 @@ async def test_rerun_on_new_cluster_executes_nothing(tmp_path: Path) -> None:
     CALLS.clear()
     async with storage_cluster(url) as (c, s, plugin):
         assert await c.compute(graph()) == sum(range(2, 22))
-        assert plugin.reused_total == 1
+        assert plugin.reuse.reused_total == 1
     assert CALLS == []
 
 
@@ -95,7 +96,10 @@ async def test_resume_in_the_same_session(tmp_path: Path) -> None:
     CALLS.clear()
     async with storage_cluster(url) as (c, s, plugin):
         g = graph()
-        mids = [delayed(inc)(delayed(inc)(i, dask_key_name=f"leaf-{i}"), dask_key_name=f"mid-{i}") for i in range(10)]
+        mids = [
+            delayed(inc)(delayed(inc)(i, dask_key_name=f"leaf-{i}"), dask_key_name=f"mid-{i}")
+            for i in range(10)
+        ]
         # The first half of the work, held as futures: "the computation so far".
         held = c.compute(mids)
         await wait(held)
@@ -182,7 +186,12 @@ async def test_damaged_intermediate_is_recomputed(tmp_path: Path) -> None:
     url = str(tmp_path / "store")
     CALLS.clear()
     async with storage_cluster(url) as (c, s, plugin):
-        mids = c.compute([delayed(inc)(delayed(inc)(i, dask_key_name=f"leaf-{i}"), dask_key_name=f"mid-{i}") for i in range(5)])
+        mids = c.compute(
+            [
+                delayed(inc)(delayed(inc)(i, dask_key_name=f"leaf-{i}"), dask_key_name=f"mid-{i}")
+                for i in range(5)
+            ]
+        )
         await wait(mids)
     store = Store.from_url(url)
     await store.delete(["mid-2"])
@@ -206,7 +215,8 @@ async def test_submit_and_keep_annotation(tmp_path: Path) -> None:
         dropped = delayed(inc)(20, dask_key_name="dropped-intermediate")
         assert await c.compute(delayed(total)(kept, dropped, dask_key_name="sum")) == 32
         del f
-        await asyncio.sleep(0.2)
+        # The client's release reaches the scheduler, which forgets the key while it runs.
+        await async_poll_for(lambda: "submitted" not in s.tasks, timeout=10)
     assert await listing(url) == {"submitted", "kept-intermediate", "sum"}
     CALLS.clear()
     async with storage_cluster(url) as (c, s, plugin):
@@ -227,20 +237,33 @@ async def test_gc_never(tmp_path: Path) -> None:
 async def test_two_clusters_sharing_a_store(tmp_path: Path) -> None:
     """A cluster never deletes what another live cluster holds."""
     url = str(tmp_path / "store")
+    store = Store.from_url(url)
     CALLS.clear()
     async with storage_cluster(url) as (c1, s1, p1):
         shared = c1.compute(delayed(inc)(1, dask_key_name="shared"))
         await wait(shared)
-        await asyncio.sleep(0.5)  # catalog flushed, lease written
+
+        async def published() -> bool:
+            # Cluster 1's background round: catalog flushed, lease written.
+            return "shared" in await cataloged_keys(store) and "shared" in await leased_keys(store)
+
+        await async_poll_until(published, timeout=10, what="catalog flush and lease")
         async with storage_cluster(url) as (c2, s2, p2):
             # In cluster 2, "shared" is an intermediate: reused, then forgotten.
             out = delayed(inc)(delayed(inc)(1, dask_key_name="shared"), dask_key_name="out")
             assert await c2.compute(out) == 3
-            await asyncio.sleep(0.5)
-            assert p2.reused_total == 1
+
+            async def deletion_attempted() -> bool:
+                # Cluster 2's background round has been through its deletions (which
+                # cluster 1's lease must stop) and flushed the catalog that follows them.
+                return "shared" not in await cataloged_keys(store)
+
+            await async_poll_until(deletion_attempted, timeout=10, what="cluster 2's deletions")
+            assert p2.reuse.reused_total == 1
         assert "shared" in await listing(url)
         assert await shared == 2
     assert CALLS == [("inc", 1), ("inc", 2)]
+    store.close()
 
 
 @gen_test(timeout=60)
@@ -333,4 +356,41 @@ async def test_p2p_rechunk_stores_outputs_not_shuffle_steps(tmp_path: Path) -> N
         np.testing.assert_array_equal(await c.compute(z), expected)
         ran = {dask.utils.key_split(t[0]) for t in s.transition_log if t[2] == "memory"}
         assert not {n for n in ran if "transfer" in n or "barrier" in n}, ran
-        assert plugin.reused_total >= 12
+        assert plugin.reuse.reused_total >= 12
+
+
+@gen_test(timeout=60)
+async def test_half_applied_reuse_is_undone(tmp_path: Path) -> None:
+    """A plan that fails midway leaves the graph exactly as stock Dask built it."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from storage_scheduler.scheduler.reuse import ReusePlan
+
+    outcome: dict[str, Any] = {}
+
+    class ApplyBrokenPlan(SchedulerPlugin):
+        def update_graph(self, scheduler: Any, *, keys: set[Any], **kwargs: Any) -> None:
+            if "leaf-0" not in scheduler.tasks or "applied" in outcome:
+                return
+            storage = scheduler.plugins["storage-scheduler"]
+            # leaf-0 would be put in memory; then a key the scheduler does not know fails.
+            plan = ReusePlan(in_memory={"leaf-0": 8}, loaders=["total", "no-such-key"])
+            outcome["applied"] = storage.reuse.apply(plan)
+            ts = scheduler.tasks["leaf-0"]
+            outcome["leaf-0"] = (ts.state, {ws.address for ws in ts.who_has or ()})
+            outcome["total-deps"] = len(scheduler.tasks["total"].dependencies)
+            outcome["loaders"] = dict(storage.reuse.loaders)
+
+    CALLS.clear()
+    url = str(tmp_path / "store")
+    async with storage_cluster(url) as (c, s, plugin):
+        await s.register_scheduler_plugin(ApplyBrokenPlan(), name="probe", idempotent=False)
+        assert await c.compute(graph(3)) == sum(range(2, 5))
+        assert plugin.reuse.reused_total == 0
+    assert outcome == {
+        "applied": False,
+        "leaf-0": ("released", set()),
+        "total-deps": 3,
+        "loaders": {},
+    }
+    assert len(CALLS) == 7  # everything computed

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage_scheduler import IntegrityError
-from storage_scheduler.serialize import (
+from storage_scheduler.store.serialize import (
     MAX_SPELLED_NAME,
     decode_value,
     encode,
@@ -40,7 +40,7 @@ def same_key(a: object, b: object) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, tuple):
-        return len(a) == len(b) and all(same_key(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
+        return len(a) == len(b) and all(same_key(x, y) for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
     if isinstance(a, float):
         return repr(a) == repr(b)  # tells 0.0 from -0.0
     return a == b
@@ -89,7 +89,11 @@ def test_invalid_key_parts_rejected() -> None:
 
 
 @settings(max_examples=50)
-@given(keys, st.one_of(st.binary(), st.integers(), st.text(), st.lists(st.integers())), st.text() | st.none())
+@given(
+    keys,
+    st.one_of(st.binary(), st.integers(), st.text(), st.lists(st.integers())),
+    st.text() | st.none(),
+)
 def test_framing_round_trip(key: object, value: object, token: str | None) -> None:
     data = b"".join(encode(key, value, token=token))
     header, payload = verify(data, key)
@@ -122,4 +126,6 @@ def test_any_truncation_is_detected(value: bytes, data: st.DataObject) -> None:
 def test_numpy_frames_not_copied() -> None:
     x = np.arange(1_000_000)
     frames = encode("k", x, compression=False)
-    assert any(np.shares_memory(np.asarray(memoryview(f)).view("u1"), x.view("u1")) for f in frames[2:])
+    assert any(
+        np.shares_memory(np.asarray(memoryview(f)).view("u1"), x.view("u1")) for f in frames[2:]
+    )

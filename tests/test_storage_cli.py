@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from dask import delayed
 from distributed.utils_test import gen_test
 
 from storage_scheduler import Store
-from storage_scheduler.catalog import Catalog, write_lease
+from storage_scheduler.store.catalog import Catalog
+from storage_scheduler.store.leases import write_lease
 from tests.utils import storage_cluster
 
 pytestmark = [pytest.mark.slow]

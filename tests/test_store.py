@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import mmap
-
 import asyncio
+import mmap
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import pytest_asyncio
+
 from distributed.protocol import deserialize
 from distributed.protocol.serialize import Serialized
 
@@ -174,7 +174,7 @@ async def test_corrupted_object(store: Store, n: int) -> None:
         return bytes(b)
 
     await damage(store, "k", flip)
-    with pytest.raises(IntegrityError, match="corrupted object .*checksum"):
+    with pytest.raises(IntegrityError, match=r"corrupted object .*checksum"):
         await store.get("k")
     with pytest.raises(IntegrityError):
         await store.get_serialized("k")

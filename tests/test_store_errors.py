@@ -10,10 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import pytest
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-from storage_scheduler import StorageConfigError, Store, StoreUnavailableError
+import dask
+
+from storage_scheduler import (
+    IntegrityError,
+    MissingObjectError,
+    StorageConfigError,
+    Store,
+    StoreUnavailableError,
+)
+from storage_scheduler.store import classify
+from storage_scheduler.store._backends import FsspecBackend, LocalBackend
 from tests.conftest import s3_options
 from tests.s3server import free_port
 
@@ -60,7 +70,10 @@ async def test_check_times_out() -> None:
         port = srv.getsockname()[1]
         with dask.config.set({"storage-scheduler.connect-timeout": "2s"}):
             store = Store.from_url(
-                "s3://bucket/prefix", endpoint_url=f"http://127.0.0.1:{port}", key="k", secret=SECRET
+                "s3://bucket/prefix",
+                endpoint_url=f"http://127.0.0.1:{port}",
+                key="k",
+                secret=SECRET,
             )
         with pytest.raises(StoreUnavailableError, match="did not answer within 2s"):
             await store.check()
@@ -153,4 +166,111 @@ async def test_permanent_errors_are_not_retried(tmp_path: Path) -> None:
     with pytest.raises(PermissionError):
         await store.put("k", 1)
     assert len(calls) == 1
+    store.close()
+
+
+# ------------------------------------------------ classify, backends, retry layers
+
+
+async def test_classify_missing(store_url: tuple[str, dict[str, Any]]) -> None:
+    url, options = store_url
+    store = Store.from_url(url, **options)
+    with pytest.raises(MissingObjectError) as info:
+        await store.get("never-written")
+    assert classify(info.value) == "missing"
+    with pytest.raises(FileNotFoundError) as info:
+        await store.read_file("never-written")
+    assert classify(info.value) == "missing"
+    store.close()
+
+
+async def test_classify_damaged(tmp_path: Path) -> None:
+    store = Store.from_url(str(tmp_path))
+    await store.put("k", b"x" * 10_000)
+    obj = Path(store.path("k"))
+    data = bytearray(obj.read_bytes())
+    data[-100] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="checksum") as info:
+        await store.get("k")
+    assert classify(info.value) == "damaged"
+    obj.write_bytes(bytes(data[:10]))
+    with pytest.raises(IntegrityError, match="truncated") as info:
+        await store.head("k")
+    assert classify(info.value) == "damaged"
+    store.close()
+
+
+async def test_classify_unavailable_directory(read_only_dir: Path) -> None:
+    store = Store.from_url(f"file://{read_only_dir}")
+    with pytest.raises(PermissionError) as info:
+        await store.put("k", 1)
+    assert classify(info.value) == "unavailable"
+    with pytest.raises(StoreUnavailableError) as info:
+        await store.check()
+    assert classify(info.value) == "unavailable"
+    store.close()
+
+
+async def test_classify_unavailable_s3() -> None:
+    port = free_port()  # nothing listens here
+    with dask.config.set({"storage-scheduler.retry.attempts": 1}):
+        store = Store.from_url(
+            "s3://bucket/prefix",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            key="k",
+            secret=SECRET,
+            config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1},
+        )
+    operations = [
+        lambda: store.get("k"),
+        lambda: store.put("k", 1),
+        lambda: store.exists(["k"]),
+        lambda: store.list(),
+    ]
+    for op in operations:
+        with pytest.raises(OSError, match="s3://bucket/prefix") as info:
+            await op()
+        assert classify(info.value) == "unavailable"
+        assert SECRET not in str(info.value)
+    store.close()
+
+
+async def test_backend_is_chosen_by_filesystem(store_url: tuple[str, dict[str, Any]]) -> None:
+    url, options = store_url
+    store = Store.from_url(url, **options)
+    backend = store._backend
+    if url.startswith("file://"):
+        assert type(backend) is LocalBackend
+    elif url.startswith("memory://"):
+        # A sync filesystem, driven through fsspec's own async wrapper.
+        assert type(backend) is FsspecBackend
+        assert isinstance(backend._afs, AsyncFileSystemWrapper)
+        assert backend._afs.sync_fs is store.fs
+    else:
+        assert type(backend) is FsspecBackend
+        assert backend._afs is store.fs and store.fs.async_impl
+    assert backend.retries_itself == url.startswith("s3://")
+    await store.put("k", [1, 2])
+    assert await store.get("k") == [1, 2]
+    assert await store.list() == {"k": (await store.sizes(["k"]))["k"]}
+    store.close()
+
+
+async def test_one_retry_layer(store_url: tuple[str, dict[str, Any]]) -> None:
+    """Our retries apply only where the backend does not retry itself (s3fs does)."""
+    url, options = store_url
+    calls = []
+
+    class FlakyReads(Store):
+        async def _read(self, path: str, end: int | None = None) -> Any:
+            calls.append(path)
+            raise ConnectionResetError("connection reset by peer")
+
+    retry = {"storage-scheduler.retry.attempts": 3, "storage-scheduler.retry.delay-min": "1ms"}
+    with dask.config.set(retry):
+        store = FlakyReads(Store.from_url(url, **options).settings)
+    with pytest.raises(ConnectionResetError):
+        await store.get("k")
+    assert len(calls) == (1 if url.startswith("s3://") else 3)
     store.close()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from storage_scheduler import StorageSchedulerPlugin
+import pytest
+
+from storage_scheduler import StorageSchedulerPlugin, Store
+from storage_scheduler.store.catalog import Catalog
+from storage_scheduler.store.leases import keys_leased_by_others
 
 
 async def enable_storage(scheduler: Any, url: str, **kwargs: Any) -> StorageSchedulerPlugin:
@@ -16,6 +23,44 @@ async def enable_storage(scheduler: Any, url: str, **kwargs: Any) -> StorageSche
     plugin = StorageSchedulerPlugin(url, **kwargs)
     await scheduler.register_scheduler_plugin(plugin, name=plugin.name, idempotent=False)
     return plugin
+
+
+async def async_poll_until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 15,
+    period: float = 0.05,
+    what: str = "condition",
+) -> None:
+    """Wait until ``predicate()`` is true; fail the test after ``timeout`` seconds.
+
+    ``distributed.utils_test.async_poll_for``, for predicates that may be coroutines
+    too (reading the store).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached after {timeout} seconds")
+        await asyncio.sleep(period)
+
+
+async def cataloged_keys(store: Store) -> set[Any]:
+    """Keys in the store's catalog manifest, as a scheduler starting now would load them.
+
+    (Loading compacts a manifest of more than 16 segments: fine for the few a test writes.)
+    """
+    catalog = Catalog(store)
+    await catalog.load()
+    return set(catalog.entries)
+
+
+async def leased_keys(store: Store) -> set[Any]:
+    """Keys that the unexpired leases of live clusters protect in the store."""
+    return await keys_leased_by_others(store, own_lease=None)
 
 
 def record_run(directory: str, key: str) -> None:

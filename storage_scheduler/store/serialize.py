@@ -22,13 +22,13 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import xxhash
-from distributed.protocol import deserialize_bytes, serialize_bytelist
+
 from distributed.protocol.compression import decompress
-from distributed.protocol.serialize import Serialized
+from distributed.protocol.serialize import Serialized, deserialize_bytes, serialize_bytelist
 from distributed.protocol.utils import unpack_frames
 
 from storage_scheduler._exceptions import IntegrityError
@@ -49,7 +49,7 @@ __all__ = [
     "verify",
 ]
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"DSKSTOR1"
 _PREFIX = struct.Struct("<8sIQ")
@@ -179,7 +179,9 @@ def encode(
     # on_error="raise": by default distributed "serializes" a failure as an error message,
     # which would be stored as if it were the result.
     payload = serialize_bytelist(
-        value, compression=compression if compression else False, on_error="raise"
+        value,
+        compression=compression or False,  # type: ignore[arg-type]
+        on_error="raise",
     )
     header = msgpack.packb(
         {
@@ -239,7 +241,9 @@ def header_span(data: Buffer, where: str = "object") -> int:
     return PREFIX_SIZE + header_len
 
 
-def verify(data: Buffer, key: object = None, where: str = "object") -> tuple[ObjectHeader, memoryview]:
+def verify(
+    data: Buffer, key: object = None, where: str = "object"
+) -> tuple[ObjectHeader, memoryview]:
     """Check an object's length and checksum; return its header and payload.
 
     Parameters
@@ -293,4 +297,4 @@ def decode_serialized(payload: Buffer) -> Serialized:
     if "compression" in header:
         data = decompress(header, data)
         header = {**header, "compression": (None,) * len(data)}
-    return Serialized(header, list(data))
+    return Serialized(header, list(data))  # type: ignore[no-untyped-call]

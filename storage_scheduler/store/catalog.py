@@ -23,21 +23,20 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from storage_scheduler.serialize import key_to_msgpack, msgpack_ext_hook
-from storage_scheduler.store import Store
+from storage_scheduler.store._store import Store
+from storage_scheduler.store.serialize import key_to_msgpack, msgpack_ext_hook
 
-__all__ = ["Catalog", "Entry", "keys_leased_by_others", "write_lease"]
+__all__ = ["Catalog", "Entry"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest"
-LEASES = "leases"
 #: More segments than this at start are compacted into one snapshot.
 COMPACT_AFTER = 16
 
@@ -74,7 +73,9 @@ def _decode_segment(data: bytes) -> tuple[Iterator[tuple[Any, Entry]], Any]:
     seg = msgpack.unpackb(data, raw=False, use_list=False, ext_hook=msgpack_ext_hook)
     added = (
         (k, Entry(t, n, c))
-        for k, t, n, c in zip(seg["keys"], seg["tokens"], seg["nbytes"], seg["created"])
+        for k, t, n, c in zip(
+            seg["keys"], seg["tokens"], seg["nbytes"], seg["created"], strict=True
+        )
     )
     return added, seg["deleted"]
 
@@ -181,13 +182,18 @@ class Catalog:
         entries = await loop.run_in_executor(None, self._replay, blobs, names)
         self._replace(entries)
         self._seen_segments = list(names)
-        logger.info("Catalog of %s: %d stored keys from %d segments", self.store.url, len(entries), len(names))
+        logger.info(
+            "Catalog of %s: %d stored keys from %d segments",
+            self.store.url,
+            len(entries),
+            len(names),
+        )
         if len(names) > COMPACT_AFTER:
             await self.compact()
 
     def _replay(self, blobs: list[bytes], names: list[str]) -> dict[Any, Entry]:
         entries: dict[Any, Entry] = {}
-        for name, blob in zip(names, blobs):
+        for name, blob in zip(names, blobs, strict=True):
             try:
                 added, deleted = _decode_segment(blob)
                 entries.update(added)
@@ -223,40 +229,9 @@ class Catalog:
                     return key, None
 
         heads = await asyncio.gather(*map(head, listing))
-        self._replace(
-            {k: Entry(h.token, listing[k], h.created) for k, h in heads if h is not None}
-        )
+        self._replace({k: Entry(h.token, listing[k], h.created) for k, h in heads if h is not None})
         self._pending = {}
         old = await self.store.list_files(MANIFEST)
         self._seen_segments = old
         await self.compact()
         return len(self.entries)
-
-
-
-# ---------------------------------------------------------------------- leases
-# A running scheduler publishes the keys its lanes hold in ``leases/<writer-id>``, with an
-# expiry it renews. Whoever deletes stored results (another cluster's lifecycle policy,
-# ``dask storage gc``) first reads the live leases and spares the keys in them.
-
-
-async def write_lease(store: Store, name: str, keys: Iterable[Any], expires: float) -> None:
-    lease = {"expires": expires, "keys": [key_to_msgpack(k) for k in keys]}
-    await store.write_file(name, msgpack.packb(lease, use_bin_type=True))
-
-
-async def keys_leased_by_others(store: Store, own_lease: str | None) -> set[Any]:
-    """Keys in the unexpired leases of the store, except ``own_lease``."""
-    names = [n for n in await store.list_files(LEASES) if n != own_lease]
-    keys: set[Any] = set()
-    now = time.time()
-    for name in names:
-        try:
-            lease = msgpack.unpackb(
-                await store.read_file(name), raw=False, use_list=False, ext_hook=msgpack_ext_hook
-            )
-        except Exception:
-            continue  # vanished or damaged: it protects nothing
-        if lease.get("expires", 0) > now:
-            keys.update(lease["keys"])
-    return keys

@@ -16,16 +16,24 @@ task running on it still needs the key. Two policies here:
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy,
+    ReduceReplicas,
     Suggestion,
     SuggestionGenerator,
 )
 
-from storage_scheduler.comm import is_lane
+from storage_scheduler import _compat
+from storage_scheduler._protocol import is_lane
 
-__all__ = ["LaneAwareReduceReplicas", "MemoryRelief"]
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+    from storage_scheduler.config import SchedulerSettings
+
+__all__ = ["LaneAwareReduceReplicas", "MemoryRelief", "install_policies", "uninstall_policies"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +101,18 @@ class MemoryRelief(ActiveMemoryManagerPolicy):
                     dropped += 1
         if dropped:
             logger.debug("Memory relief: dropping %d stored results from worker memory", dropped)
+
+
+def install_policies(scheduler: Scheduler, settings: SchedulerSettings) -> None:
+    """Swap the stock ``ReduceReplicas`` for the lane-aware one; add memory relief."""
+    _compat.replace_amm_policy(scheduler, ReduceReplicas, LaneAwareReduceReplicas)
+    policies = _compat.amm_policies(scheduler)
+    if policies is not None and settings.memory_relief != "never":
+        relief = MemoryRelief(settings.memory_relief, settings.relief_threshold)
+        scheduler.extensions["amm"].add_policy(relief)
+
+
+def uninstall_policies(scheduler: Scheduler) -> None:
+    """Undo :func:`install_policies`."""
+    _compat.replace_amm_policy(scheduler, LaneAwareReduceReplicas, ReduceReplicas)
+    _compat.replace_amm_policy(scheduler, MemoryRelief, None)

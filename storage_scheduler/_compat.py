@@ -1,0 +1,298 @@
+"""Every use of distributed's private internals, each behind a named function.
+
+distributed is pinned to a tested range (``pyproject.toml``). This is the one file to
+audit on an upgrade: nothing else in the package touches a private attribute, method or
+module of distributed, or relies on an undocumented convention. Each function here has a
+case in ``tests/test_private_hooks.py`` that fails loudly when an upgrade changes what it
+relies on.
+
+Scheduler side: lanes are scheduler ``WorkerState`` objects that are never added to
+``scheduler.workers``; replicas are added and removed with ``add_replica`` /
+``remove_replica``; graph surgery sets task state, run specs and dependencies directly;
+the worker plugin is pushed with the raw ``plugin-add`` broadcast; AMM policies are
+swapped in the extension's policy set.
+
+Worker side: ``worker.execute`` is wrapped on the instance (``BaseWorker`` looks it up per
+task); the worker state's class is swapped for a layout-compatible subclass overriding
+``_update_who_has``; a finished task's thread slot is freed with a ``SecedeEvent``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from dask._task_spec import Alias
+from dask.utils import key_split
+from distributed.active_memory_manager import ActiveMemoryManagerPolicy
+from distributed.core import Status
+from distributed.scheduler import TaskState, WorkerState
+from distributed.shuffle._core import P2PBarrierTask
+from distributed.worker_state_machine import (
+    ExecuteSuccessEvent,
+    SecedeEvent,
+    StateMachineEvent,
+)
+from distributed.worker_state_machine import TaskState as WorkerTaskState
+from distributed.worker_state_machine import WorkerState as _WorkerState
+
+from storage_scheduler._protocol import is_lane
+
+if TYPE_CHECKING:
+    from distributed import Scheduler, Worker
+
+__all__ = [
+    "PeerFirstWorkerState",
+    "StoreFirstWorkerState",
+    "add_replica",
+    "amm_policies",
+    "attach_dependencies",
+    "broadcast_worker_plugin",
+    "clear_lane",
+    "detach_dependencies",
+    "execute_succeeded",
+    "finished_metadata",
+    "is_finalize_key",
+    "is_p2p_barrier",
+    "is_p2p_step_alias",
+    "live_servers",
+    "make_lane",
+    "put_in_memory",
+    "release_thread_slot",
+    "remove_replica",
+    "replace_amm_policy",
+    "restore_execute",
+    "set_comm_addresses",
+    "swap_state_class",
+    "undo_put_in_memory",
+    "worker_task",
+    "wrap_execute",
+]
+
+Execute = Callable[..., Awaitable[StateMachineEvent]]
+
+
+# ------------------------------------------------------------------ scheduler: lanes
+
+
+def make_lane(scheduler: Scheduler, address: str) -> WorkerState:
+    """A scheduler ``WorkerState`` for a lane: paused and without threads, so that the
+    scheduler never chooses it to run anything. The caller never adds it to
+    ``scheduler.workers``, so broadcasts, heartbeats and dashboards never see it."""
+    return WorkerState(
+        address=address,
+        status=Status.paused,
+        pid=0,
+        name=address,
+        nthreads=0,
+        memory_limit=0,
+        local_directory="",
+        nanny=None,
+        server_id=address,
+        scheduler=scheduler,
+    )
+
+
+def add_replica(scheduler: Scheduler, ts: TaskState, ws: WorkerState) -> None:
+    """Record ``ws`` (a lane) as a holder of ``ts``."""
+    scheduler.add_replica(ts, ws)
+
+
+def remove_replica(scheduler: Scheduler, ts: TaskState, ws: WorkerState) -> None:
+    scheduler.remove_replica(ts, ws)
+
+
+def clear_lane(ws: WorkerState) -> None:
+    """Forget every key a lane holds, without transitions (``Scheduler.restart`` forgets
+    all tasks but only clears the real workers)."""
+    ws._has_what.clear()
+    ws.nbytes = 0
+
+
+# ------------------------------------------------------------- scheduler: graph surgery
+
+
+def put_in_memory(scheduler: Scheduler, ts: TaskState, nbytes: int, ws: WorkerState) -> None:
+    """Make a released task ``memory``, held by ``ws`` only, without running it.
+
+    Only from ``SchedulerPlugin.update_graph``, for a task that no transition has touched
+    yet (state ``released``, no holders): its dependents then see it as a finished input.
+    """
+    ts.state = "memory"
+    ts.set_nbytes(nbytes)
+    scheduler.add_replica(ts, ws)
+
+
+def undo_put_in_memory(scheduler: Scheduler, ts: TaskState, ws: WorkerState) -> None:
+    """Undo :func:`put_in_memory`."""
+    if ws in (ts.who_has or ()):
+        scheduler.remove_replica(ts, ws)
+    ts.state = "released"
+
+
+def detach_dependencies(ts: TaskState) -> list[TaskState]:
+    """Cut ``ts`` off from its dependencies; return them (to re-attach on failure)."""
+    deps = list(ts.dependencies)
+    for dts in deps:
+        dts.dependents.discard(ts)
+        if dts.waiters:
+            dts.waiters.discard(ts)
+    ts.dependencies.clear()
+    return deps
+
+
+def attach_dependencies(ts: TaskState, deps: Iterable[TaskState]) -> None:
+    for dts in deps:
+        ts.add_dependency(dts)
+
+
+def is_finalize_key(key: Any) -> bool:
+    """Whether ``key`` is the one-off wrapper ``Client.compute`` puts around a collection.
+
+    A dask naming convention (``finalize-<token>``), not an API. Its name is new at every
+    call, so its result can never be reused: it is not stored, and what it wraps (the
+    collection's own keys) counts as the requested result.
+    """
+    return str(key_split(key)).startswith("finalize")
+
+
+def is_p2p_barrier(ts: TaskState) -> bool:
+    """Whether ``ts`` is the barrier of a P2P shuffle (a private class of distributed)."""
+    return isinstance(ts.run_spec, P2PBarrierTask)
+
+
+def is_p2p_step_alias(ts: TaskState) -> bool:
+    """Whether ``ts`` is an alias that graph fusion left between shuffle steps."""
+    return isinstance(ts.run_spec, Alias)
+
+
+# ----------------------------------------------------------- scheduler: worker plugin
+
+
+async def broadcast_worker_plugin(scheduler: Scheduler, name: str, data: bytes) -> dict[str, Any]:
+    """What ``Scheduler.register_worker_plugin`` does, returning each worker's error
+    instead of raising the first, so that a message can name every worker that failed."""
+    scheduler.worker_plugins[name] = data  # for workers that join later
+    responses: dict[str, Any] = await scheduler.broadcast(
+        msg={"op": "plugin-add", "plugin": data, "name": name}, on_error="return"
+    )
+    return responses
+
+
+# ------------------------------------------------------------------ scheduler: AMM
+
+
+def amm_policies(scheduler: Scheduler) -> set[ActiveMemoryManagerPolicy] | None:
+    """The active memory manager's policy set, or None without an AMM."""
+    amm = scheduler.extensions.get("amm")
+    return None if amm is None else amm.policies
+
+
+def replace_amm_policy(
+    scheduler: Scheduler,
+    old: type[ActiveMemoryManagerPolicy],
+    new: Callable[[], ActiveMemoryManagerPolicy] | None,
+) -> None:
+    """Replace every policy of exactly type ``old`` by ``new()`` (or just remove it)."""
+    amm = scheduler.extensions.get("amm")
+    if amm is None:
+        return
+    for policy in list(amm.policies):
+        if type(policy) is old:
+            amm.policies.discard(policy)
+            if new is not None:
+                amm.add_policy(new())
+
+
+# ----------------------------------------------------------------------- worker
+
+
+def wrap_execute(worker: Worker, wrapper: Callable[[Execute], Execute]) -> Execute:
+    """Replace ``worker.execute`` by ``wrapper(original)``; return the original."""
+    original: Execute = worker.execute
+    worker.execute = wrapper(original)  # type: ignore[method-assign,assignment]
+    return original
+
+
+def restore_execute(worker: Worker, original: Execute) -> None:
+    worker.execute = original  # type: ignore[method-assign,assignment]
+
+
+def execute_succeeded(event: StateMachineEvent) -> bool:
+    return isinstance(event, ExecuteSuccessEvent)
+
+
+def worker_task(worker: Worker, key: Any) -> WorkerTaskState | None:
+    """The worker state machine's task for ``key``, unless it is an actor (actors live on
+    their worker, as in stock Dask)."""
+    if key in worker.state.actors:
+        return None
+    return worker.state.tasks.get(key)
+
+
+def release_thread_slot(
+    worker: Worker, ts: WorkerTaskState, duration: float, stimulus_id: str
+) -> bool:
+    """Let the next task compute while ``ts``'s result is written.
+
+    Dask's own ``secede`` mechanism: the worker moves the task to ``long-running``, which
+    frees its thread slot without reporting it finished. False if it is not executing.
+    """
+    if ts.state != "executing":
+        return False
+    worker.handle_stimulus(
+        SecedeEvent(key=ts.key, compute_duration=duration, stimulus_id=stimulus_id)
+    )
+    return True
+
+
+def finished_metadata(ts: WorkerTaskState) -> dict[str, Any]:
+    """The metadata that travels with ``ts``'s task-finished message to the scheduler's
+    ``SchedulerPlugin.transition(..., metadata=...)`` (``Scheduler.stimulus_task_finished``)."""
+    return ts.metadata
+
+
+class StoreFirstWorkerState(_WorkerState):
+    """Fetch an input from a storage lane whenever one holds it."""
+
+    __slots__ = ()  # layout-compatible: installed by swapping ``__class__``
+
+    def _update_who_has(self, who_has: Mapping[Any, Collection[str]]) -> None:
+        super()._update_who_has(
+            {k: [w for w in ws if is_lane(w)] or ws for k, ws in who_has.items()}
+        )
+
+
+class PeerFirstWorkerState(_WorkerState):
+    """Fetch an input from a worker that holds it; from the store only if none does."""
+
+    __slots__ = ()
+
+    def _update_who_has(self, who_has: Mapping[Any, Collection[str]]) -> None:
+        super()._update_who_has(
+            {k: [w for w in ws if not is_lane(w)] or ws for k, ws in who_has.items()}
+        )
+
+
+def swap_state_class(worker: Worker, cls: type) -> type:
+    """Give ``worker.state`` the class ``cls`` (same slots); return its former class."""
+    original = type(worker.state)
+    worker.state.__class__ = cls
+    return original
+
+
+def live_servers() -> tuple[list[Scheduler], list[Worker]]:
+    """The schedulers and workers alive in this process (distributed's own weak sets),
+    for the one Prometheus collector a process can register."""
+    from distributed import Scheduler, Worker
+
+    return list(Scheduler._instances), list(Worker._instances)
+
+
+# ----------------------------------------------------------------------- comm
+
+
+def set_comm_addresses(comm: Any, peer: str, local: str) -> None:
+    """``distributed.comm.core.connect`` reads these two after the handshake."""
+    comm._peer_addr = peer
+    comm._local_addr = local

@@ -1,0 +1,93 @@
+"""Storage lanes: the store, seen by the scheduler as holders of stored keys.
+
+Each lane is a scheduler ``WorkerState`` with a ``storage://<store-id>-lane<i>`` address,
+paused and without threads, that is never added to ``scheduler.workers``. A stored key
+gets its lane as a replica in ``TaskState.who_has``, and stock code paths do the rest:
+
+* ``remove_worker`` recomputes a key only when no holder is left: a stored key survives
+  the loss of every worker;
+* dependents, ``Client.gather`` and ``replicate`` fetch from the lane, which the
+  ``storage://`` comm answers by reading the store;
+* ``retire_workers`` only drops the retiring worker's replicas: nothing is copied.
+
+Several lanes, because a worker keeps at most one transfer in flight per holder: the
+lane count is the number of concurrent store reads per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from distributed.scheduler import TaskState, WorkerState
+
+from storage_scheduler import _compat
+from storage_scheduler._protocol import lane_addresses
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+__all__ = ["Lanes"]
+
+
+class Lanes:
+    """A store's lanes on one scheduler.
+
+    Notes
+    -----
+    Every method runs on the scheduler's event loop and does no I/O.
+    """
+
+    scheduler: Scheduler
+    #: The lanes by address.
+    by_address: dict[str, WorkerState]
+    _list: list[WorkerState]
+
+    def __init__(self, scheduler: Scheduler, store_id: str, n: int):
+        self.scheduler = scheduler
+        self._list = [_compat.make_lane(scheduler, a) for a in lane_addresses(store_id, n)]
+        self.by_address = {ws.address: ws for ws in self._list}
+
+    def __contains__(self, address: object) -> bool:
+        return address in self.by_address
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self.by_address)
+
+    def lane_for(self, key: Any) -> WorkerState:
+        """The lane that holds ``key`` (a fixed spread of keys over lanes)."""
+        return self._list[hash(key) % len(self._list)]
+
+    def add(self, ts: TaskState) -> None:
+        """Record that the store holds ``ts`` (a task in memory)."""
+        _compat.add_replica(self.scheduler, ts, self.lane_for(ts.key))
+
+    def drop(self, ts: TaskState) -> int:
+        """Forget that the store holds ``ts``; return how many lane replicas went."""
+        held = [ws for ws in ts.who_has or () if ws.address in self.by_address]
+        for ws in held:
+            _compat.remove_replica(self.scheduler, ts, ws)
+        return len(held)
+
+    def holds(self, ts: TaskState) -> bool:
+        return any(ws.address in self.by_address for ws in ts.who_has or ())
+
+    def keys(self) -> Iterator[Any]:
+        """Every key the lanes hold."""
+        for ws in self._list:
+            for ts in ws.has_what:
+                yield ts.key
+
+    @property
+    def nkeys(self) -> int:
+        return sum(len(ws.has_what) for ws in self._list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(ws.nbytes for ws in self._list)
+
+    def clear(self) -> None:
+        """Forget everything (``Scheduler.restart`` forgot every task)."""
+        for ws in self._list:
+            _compat.clear_lane(ws)

@@ -1,0 +1,343 @@
+"""The scheduler plugin: wiring, and the hooks that delegate to the parts.
+
+* :mod:`~storage_scheduler.scheduler.lanes`: the store as holders of stored keys;
+* :mod:`~storage_scheduler.scheduler.reuse`: stored results standing in for tasks;
+* :mod:`~storage_scheduler.scheduler.retention`: what stays, what goes, leases;
+* :mod:`~storage_scheduler.scheduler.amm`: lane-aware active memory manager policies;
+* :mod:`~storage_scheduler.scheduler.status`: what it reports.
+
+Notes
+-----
+Hooks run on the scheduler's event loop and do no store I/O; catalog writes, leases and
+deletions run in one background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+
+from storage_scheduler import _compat
+from storage_scheduler._exceptions import StorageSchedulerError
+from storage_scheduler._protocol import (
+    METADATA_KEY,
+    PLUGIN_NAME,
+    StorageInfo,
+    StorageStatus,
+    StoredResult,
+    store_id_for,
+)
+from storage_scheduler.comm import registry
+from storage_scheduler.config import (
+    SchedulerSettings,
+    StoreSettings,
+    parse_storage_options,
+    redact_url,
+)
+from storage_scheduler.dashboard import add_dashboard_page
+from storage_scheduler.metrics import ensure_collector
+from storage_scheduler.scheduler.amm import install_policies, uninstall_policies
+from storage_scheduler.scheduler.lanes import Lanes
+from storage_scheduler.scheduler.retention import Retention
+from storage_scheduler.scheduler.reuse import Reuse, TaskTokens, mark_p2p_steps
+from storage_scheduler.scheduler.status import Counters, History, worker_status
+from storage_scheduler.store import Store
+from storage_scheduler.store.catalog import Catalog
+from storage_scheduler.worker.plugin import StorageWorkerPlugin
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+__all__ = ["StorageSchedulerPlugin"]
+
+logger = logging.getLogger(__name__)
+
+
+class StorageSchedulerPlugin(SchedulerPlugin):
+    """Scheduler half of storage_scheduler; pushes the worker half to every worker.
+
+    Parameters
+    ----------
+    url
+        fsspec URL of the store; default ``storage-scheduler.url``.
+    storage_options
+        Filesystem options; merged over ``storage-scheduler.storage-options``. Values may
+        be ``key=value`` strings (from the command line).
+    lanes
+        Number of storage lanes; default ``storage-scheduler.lanes``.
+
+    Settings are read and validated in :meth:`start`, so that a bad URL or an unreachable
+    store stops the scheduler from starting instead of being logged and ignored.
+    """
+
+    name = PLUGIN_NAME
+
+    #: Whether :meth:`start` completed (and :meth:`close` has not run).
+    started: bool
+    scheduler: Scheduler
+    store: Store
+    store_settings: StoreSettings
+    settings: SchedulerSettings
+    store_id: str
+    catalog: Catalog
+    lanes: Lanes
+    reuse: Reuse
+    retention: Retention
+    counters: Counters
+    history: History
+    _background: asyncio.Task[None] | None
+
+    def __init__(
+        self,
+        url: str | None = None,
+        storage_options: dict[str, Any] | Sequence[str] | None = None,
+        lanes: int | None = None,
+    ):
+        self._url = url
+        self._storage_options = storage_options
+        self._lanes = lanes
+        self.started = False
+        self.counters = Counters()
+        self.history = History()
+        self._background = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        options = self._storage_options or {}
+        if not isinstance(options, dict):
+            options = parse_storage_options(options)
+        self.store_settings = StoreSettings.from_config(self._url, options)
+        self.settings = SchedulerSettings.from_config(self._lanes)
+        store = Store(self.store_settings)
+        try:
+            await store.check()
+            catalog = Catalog(store, uuid.uuid4().hex[:12])
+            await catalog.load()
+        except Exception:
+            store.close()
+            raise
+        self.store, self.catalog = store, catalog
+        self.store_id = store_id_for(self.store_settings.url)
+        self.lanes = Lanes(scheduler, self.store_id, self.settings.lanes)
+        tokens = TaskTokens(self.settings.worker.version, self.settings.lineage, catalog)
+        self.reuse = Reuse(scheduler, self.lanes, catalog, tokens)
+        self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
+        registry.register(self.store_id, store, self.drop_unreadable)
+        scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
+        scheduler.handlers["storage_info"] = self.storage_info
+        scheduler.handlers["storage_set_writing"] = self.set_writing
+        scheduler.handlers["storage_status"] = self.storage_status
+        install_policies(scheduler, self.settings)
+        self._background = asyncio.create_task(self._maintain())
+        self.started = True
+        try:
+            await self._push_worker_plugin()
+        except Exception:
+            await scheduler.unregister_worker_plugin(None, PLUGIN_NAME)
+            await self.close()
+            raise
+        ensure_collector()
+        add_dashboard_page(scheduler)
+        logger.info(
+            "Storing results in %s (%d lanes, results=%s, prefer=%s)",
+            redact_url(self.store_settings.url),
+            self.settings.lanes,
+            self.settings.worker.results,
+            self.settings.worker.prefer,
+        )
+
+    async def _push_worker_plugin(self) -> None:
+        """Install (or replace) the worker side on every worker, present and future."""
+        plugin = StorageWorkerPlugin(self.store_settings, self.store_id, self.settings.worker)
+        responses = await _compat.broadcast_worker_plugin(
+            self.scheduler,
+            PLUGIN_NAME,
+            dumps(plugin),  # type: ignore[no-untyped-call]
+        )
+        failed = {
+            addr: repr(r) if isinstance(r, BaseException) else (r.get("exception_text") or str(r))
+            for addr, r in responses.items()
+            if isinstance(r, BaseException) or r.get("status") != "OK"
+        }
+        if failed:
+            details = "; ".join(f"{addr}: {text}" for addr, text in sorted(failed.items()))
+            raise StorageSchedulerError(
+                f"storage_scheduler could not start on {len(failed)} worker(s) with store "
+                f"{redact_url(self.store_settings.url)!r}: {details}"
+            )
+
+    async def set_writing(self, write: bool) -> StorageInfo:
+        """Start or stop storing new results (RPC); stored results stay readable."""
+        if write != self.settings.worker.write:
+            self.settings = replace(
+                self.settings, worker=replace(self.settings.worker, write=write)
+            )
+            await self._push_worker_plugin()
+            logger.info(
+                "%s new results in %s",
+                "Storing" if write else "No longer storing",
+                redact_url(self.store_settings.url),
+            )
+        return self.storage_info()
+
+    async def close(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+        try:
+            await self.retention.close()
+        except Exception as e:
+            logger.warning(
+                "Could not save the catalog to %s at close: %s",
+                redact_url(self.store_settings.url),
+                e,
+            )
+        registry.unregister(self.store_id, self.store)
+        self.scheduler.stream_handlers.pop("storage-unreadable", None)
+        for handler in ("storage_info", "storage_set_writing", "storage_status"):
+            self.scheduler.handlers.pop(handler, None)
+        uninstall_policies(self.scheduler)
+        self.store.close()
+
+    def restart(self, scheduler: Scheduler) -> None:
+        # Scheduler.restart forgets all tasks (without transitions) but only clears the
+        # real workers. Stored results stay in the store and the catalog.
+        self.lanes.clear()
+        self.reuse.loaders.clear()
+        self.retention.restart()
+
+    async def _maintain(self) -> None:
+        """Background: write catalog changes and the lease, delete doomed objects."""
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            self.history.sample(self.counters.stored_bytes, self.scheduler.workers.values())
+            try:
+                await self.retention.maintain()
+            except Exception as e:
+                if not failing:  # once per outage, not every interval
+                    logger.warning(
+                        "Cannot update the catalog in %s (will retry): %s",
+                        redact_url(self.store_settings.url),
+                        e,
+                    )
+                failing = True
+            else:
+                if failing:
+                    logger.warning(
+                        "The catalog in %s is up to date again", redact_url(self.store_settings.url)
+                    )
+                failing = False
+
+    # ------------------------------------------------------------------ hooks
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
+    ) -> None:
+        if start == "processing":
+            if finish == "memory":
+                self._finished(key, kwargs.get("metadata") or {}, stimulus_id)
+            else:
+                self.reuse.loader_failed(key)
+        elif finish == "forgotten":
+            self.reuse.forgotten(key)
+            self.retention.forgotten(key)
+        elif start == "memory" and finish == "released":
+            self.retention.released(key)
+
+    def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:
+        self.reuse.loader_finished(key, stimulus_id)
+        stored: StoredResult | None = metadata.get(METADATA_KEY)
+        if stored is None:
+            return
+        ts = self.scheduler.tasks.get(key)
+        if ts is None or ts.state != "memory":
+            return
+        self.lanes.add(ts)
+        if "token" in stored and "nbytes" in stored:
+            self.counters.stored += 1
+            self.counters.stored_bytes += stored["nbytes"]
+            self.catalog.add(key, self.reuse.tokens.recorded(ts, stored["token"]), stored["nbytes"])
+
+    def update_graph(
+        self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
+    ) -> None:
+        self.retention.requested(keys)
+        mark_p2p_steps(scheduler.tasks, kwargs.get("tasks", ()))
+        self.reuse.on_update_graph(keys)
+
+    # ------------------------------------------------------------------ handlers
+
+    def handle_unreadable(
+        self, keys: list[Any], stimulus_id: str, worker: str | None = None
+    ) -> None:
+        """A worker could not read these keys from their lanes (stream op)."""
+        self.drop_unreadable(keys, stimulus_id=stimulus_id)
+
+    def drop_unreadable(self, keys: list[Any], stimulus_id: str | None = None) -> None:
+        """Forget the lane replicas of keys whose objects cannot be read.
+
+        A key left with no holder is released, which recomputes it if anything still
+        wants it (what ``remove_worker`` does for a lost worker's keys).
+        """
+        recommendations: dict[Any, str] = {}
+        for key in keys:
+            self.catalog.discard(key)
+            ts = self.scheduler.tasks.get(key)
+            if ts is None or ts.state != "memory":
+                continue
+            self.counters.unreadable += self.lanes.drop(ts)
+            if not ts.who_has:
+                recommendations[key] = "released"
+        if recommendations:
+            logger.warning(
+                "Recomputing %d keys whose stored results cannot be read", len(recommendations)
+            )
+            self.scheduler.transitions(
+                recommendations,  # type: ignore[arg-type]
+                stimulus_id or f"storage-unreadable-{time.time()}",
+            )
+
+    def storage_info(self) -> StorageInfo:
+        """What the store holds for this cluster, for clients and ``dask storage``."""
+        return StorageInfo(
+            url=redact_url(self.store_settings.url),
+            store_id=self.store_id,
+            lanes=self.lanes.addresses,
+            keys_in_lanes=self.lanes.nkeys,
+            bytes_in_lanes=self.lanes.nbytes,
+            stored_total=self.counters.stored,
+            unreadable_total=self.counters.unreadable,
+            reused_total=self.reuse.reused_total,
+            deleted_total=self.retention.deleted_total,
+            catalog_keys=len(self.catalog),
+            catalog_bytes=self.catalog.nbytes,
+            stored_bytes_total=self.counters.stored_bytes,
+            writing=self.settings.worker.write,
+            results=self.settings.worker.results,
+            prefer=self.settings.worker.prefer,
+        )
+
+    def storage_status(self) -> StorageStatus:
+        """The store and every worker's use of it: ``dask storage status`` and the page."""
+        workers = sorted(self.scheduler.workers.values(), key=lambda w: w.address)
+        return StorageStatus(
+            **self.storage_info(),
+            workers=[worker_status(ws) for ws in workers],
+            history=list(self.history.samples),
+        )

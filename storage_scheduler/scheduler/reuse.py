@@ -1,0 +1,311 @@
+"""Reuse: a stored result stands in for the task that produced it.
+
+When a graph arrives, the walk down from the requested keys stops at keys whose stored
+result was produced by the same task (equal tokens, see
+:func:`~storage_scheduler._protocol.result_token`): their upstream subgraph never runs.
+
+Planning is a pure function (:func:`plan_reuse`) of the tasks, the requested keys, the
+catalog and a token function, tested without a cluster. Applying a plan is graph surgery
+through :mod:`storage_scheduler._compat`, done in one step that is undone if any part of
+it fails (``update_graph`` exceptions are only logged by distributed: a half-applied
+rewrite would otherwise fail silently):
+
+* a stored key nobody asked for is put in memory at once, held by its lane;
+* a requested stored key gets a small task that loads it from the store (the stock code
+  has already recommended it for computation before the hook runs, so it cannot be put
+  in memory here). If loading fails, the original task and its dependencies come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dask._task_spec import Task
+from distributed.scheduler import TaskState
+
+from storage_scheduler import _compat
+from storage_scheduler._protocol import result_token
+from storage_scheduler.store.catalog import Catalog, Entry
+from storage_scheduler.tokens import task_token
+from storage_scheduler.worker.reader import load_stored
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+    from storage_scheduler.scheduler.lanes import Lanes
+
+__all__ = ["PlannedTask", "Reuse", "ReusePlan", "TaskTokens", "mark_p2p_steps", "plan_reuse"]
+
+logger = logging.getLogger(__name__)
+
+
+class PlannedTask(Protocol):
+    """What planning reads of a scheduler ``TaskState``."""
+
+    @property
+    def key(self) -> Any: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def run_spec(self) -> Any: ...
+    @property
+    def annotations(self) -> Mapping[str, Any] | None: ...
+    @property
+    def dependencies(self) -> Collection[PlannedTask]: ...
+
+
+@dataclass
+class ReusePlan:
+    """What to take from the store instead of computing."""
+
+    #: Stored keys no client asked for: put in memory with their object size, never run.
+    in_memory: dict[Any, int] = field(default_factory=dict)
+    #: Requested stored keys: each gets a task that loads its result.
+    loaders: list[Any] = field(default_factory=list)
+    #: Stored keys whose token differs: their results are stale, computed and overwritten.
+    stale: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.in_memory) + len(self.loaders)
+
+
+def plan_reuse(
+    keys: Iterable[Any],
+    tasks: Mapping[Any, PlannedTask],
+    stored: Callable[[Any], Entry | None],
+    token: Callable[[PlannedTask], str],
+) -> ReusePlan:
+    """Which stored results can stand in for tasks of a new graph.
+
+    Parameters
+    ----------
+    keys
+        The keys a client asked for.
+    tasks
+        Every task the scheduler knows, by key.
+    stored
+        The catalog entry of a key, or None.
+    token
+        The token a stored result of a task must carry to be reused.
+
+    Tasks the cluster already knows (not ``released``) and scattered data follow the stock
+    rules; so do tasks annotated ``storage=False``.
+    """
+    requested = set(keys)
+    plan = ReusePlan()
+    seen: set[Any] = set()
+    stack = list(requested)
+    while stack:
+        key = stack.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        ts = tasks.get(key)
+        if ts is None or ts.state != "released" or ts.run_spec is None:
+            continue
+        entry = stored(key)
+        if entry is not None and (ts.annotations or {}).get("storage") is not False:
+            if entry.token == token(ts):
+                if key in requested:
+                    plan.loaders.append(key)
+                else:
+                    plan.in_memory[key] = entry.nbytes
+                continue
+            plan.stale.append(key)
+        stack.extend(dts.key for dts in ts.dependencies)
+    return plan
+
+
+class TaskTokens:
+    """The tokens the scheduler compares and records.
+
+    Parameters
+    ----------
+    version
+        ``storage-scheduler.version``.
+    lineage
+        Whether a token also covers the tokens of everything upstream.
+    catalog
+        Where the tokens of stored dependencies are found when a result is recorded.
+    """
+
+    def __init__(self, version: str | None, lineage: bool, catalog: Catalog):
+        self.version = version
+        self.lineage = lineage
+        self.catalog = catalog
+
+    def own(self, ts: PlannedTask) -> str:
+        return result_token(ts.run_spec, self.version, ts.annotations)
+
+    def wanted(self, ts: PlannedTask, memo: dict[Any, str]) -> str:
+        """The token a stored result of ``ts`` must carry to be reused."""
+        return self._lineage(ts, memo) if self.lineage else self.own(ts)
+
+    def recorded(self, ts: PlannedTask, worker_token: str) -> str:
+        """The token to record for a result a worker stored with ``worker_token``."""
+        if not self.lineage:
+            return worker_token
+        return self._lineage(ts, {}, own=worker_token, use_catalog=True)
+
+    def _lineage(
+        self,
+        root: PlannedTask,
+        memo: dict[Any, str],
+        own: str | None = None,
+        use_catalog: bool = False,
+    ) -> str:
+        """The token of ``root`` combined with those of everything upstream of it.
+
+        When a graph asks to reuse a result, it is computed from the new graph's specs.
+        When a result is stored (``use_catalog``), the dependencies that were stored carry
+        theirs in the catalog already, and ``own`` is the token the worker computed.
+        Iterative, not recursive: graphs can be deeper than Python's recursion limit.
+        """
+
+        def known(dts: PlannedTask) -> str | None:
+            if use_catalog:
+                entry = self.catalog.get(dts.key)
+                if entry is not None and entry.token is not None:
+                    return entry.token
+            if dts.run_spec is None:
+                return f"data:{dts.key!r}"  # scattered data: known by its key only
+            return memo.get(dts.key)
+
+        stack = [root]
+        while stack:
+            ts = stack[-1]
+            pending = [dts for dts in ts.dependencies if known(dts) is None]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            parts = tuple(known(dts) for dts in sorted(ts.dependencies, key=lambda d: str(d.key)))
+            base = own if ts is root and own is not None else self.own(ts)
+            memo[ts.key] = task_token(None, (base, parts))
+        return memo[root.key]
+
+
+def mark_p2p_steps(tasks: Mapping[Any, TaskState], keys: Iterable[Any]) -> None:
+    """Annotate the transfers and barrier of every new P2P shuffle ``storage=False``.
+
+    They are steps of distributed's shuffle service, not results: a transfer hands its
+    input to the service and returns a run id, the barrier waits for every transfer.
+    "Reused" on their own, without the run they fed, they would leave the shuffle's
+    outputs incomplete. The outputs themselves are ordinary results, stored and reused;
+    reusing them makes the whole shuffle unnecessary. Transfers are found as the
+    barrier's dependencies, through the aliases that graph fusion leaves in between.
+    """
+    for key in keys:
+        ts = tasks.get(key)
+        if ts is None or not _compat.is_p2p_barrier(ts):
+            continue
+        steps = [ts]
+        while steps:
+            step = steps.pop()
+            step.annotations = {**(step.annotations or {}), "storage": False}
+            if step is ts or _compat.is_p2p_step_alias(step):
+                steps.extend(step.dependencies)
+
+
+class Reuse:
+    """Applies reuse plans to the scheduler and looks after the loader tasks.
+
+    Notes
+    -----
+    Runs on the scheduler's event loop, inside plugin hooks; no I/O.
+    """
+
+    scheduler: Scheduler
+    lanes: Lanes
+    catalog: Catalog
+    tokens: TaskTokens
+    #: Keys taken from the store instead of being computed, since start.
+    reused_total: int
+    #: Requested keys running as loaders: their own spec and dependencies, kept so that
+    #: they can be computed after all if loading fails.
+    loaders: dict[Any, tuple[Any, list[TaskState]]]
+
+    def __init__(self, scheduler: Scheduler, lanes: Lanes, catalog: Catalog, tokens: TaskTokens):
+        self.scheduler = scheduler
+        self.lanes = lanes
+        self.catalog = catalog
+        self.tokens = tokens
+        self.reused_total = 0
+        self.loaders = {}
+
+    def on_update_graph(self, keys: Collection[Any]) -> None:
+        if not len(self.catalog):
+            return
+        memo: dict[Any, str] = {}
+        plan = plan_reuse(
+            keys, self.scheduler.tasks, self.catalog.get, lambda ts: self.tokens.wanted(ts, memo)
+        )
+        for key in plan.stale:
+            self.catalog.discard(key)  # stale: it is computed and overwritten
+        if plan:
+            self.apply(plan)
+
+    def apply(self, plan: ReusePlan) -> bool:
+        """Apply ``plan`` entirely, or not at all (then everything is computed)."""
+        undo: list[Callable[[], None]] = []
+        try:
+            for key, nbytes in plan.in_memory.items():
+                ts = self.scheduler.tasks[key]
+                lane = self.lanes.lane_for(key)
+                _compat.put_in_memory(self.scheduler, ts, nbytes, lane)
+                undo.append(partial(_compat.undo_put_in_memory, self.scheduler, ts, lane))
+            for key in plan.loaders:
+                ts = self.scheduler.tasks[key]
+                self._make_loader(ts)
+                undo.append(partial(self._restore, key))
+        except Exception:
+            for step in reversed(undo):
+                step()
+            logger.exception("Could not reuse %d stored results; computing them instead", len(plan))
+            return False
+        self.reused_total += len(plan)
+        logger.info("Reusing %d stored results instead of computing them", len(plan))
+        return True
+
+    def _make_loader(self, ts: TaskState) -> None:
+        """Give a requested stored key a body that loads it, and no dependencies."""
+        spec = ts.run_spec
+        self.loaders[ts.key] = (spec, _compat.detach_dependencies(ts))
+        ts.run_spec = Task(ts.key, load_stored, ts.key)
+
+    def _restore(self, key: Any) -> None:
+        spec, deps = self.loaders.pop(key)
+        ts = self.scheduler.tasks[key]
+        ts.run_spec = spec
+        _compat.attach_dependencies(ts, [d for d in deps if d.key in self.scheduler.tasks])
+
+    def loader_failed(self, key: Any) -> None:
+        """Loading failed (or its worker died): make the key a normal task again."""
+        if key in self.loaders:
+            self._restore(key)
+            self.catalog.discard(key)
+            logger.info("Computing %r: its stored result could not be loaded", key)
+
+    def forgotten(self, key: Any) -> None:
+        self.loaders.pop(key, None)
+
+    def loader_finished(self, key: Any, stimulus_id: str) -> None:
+        """The result is loaded: the original dependencies, kept in case loading failed,
+        can go now (once the current transitions are over)."""
+        entry = self.loaders.pop(key, None)
+        if entry is not None:
+            asyncio.get_running_loop().call_soon(self._forget_orphans, entry[1], stimulus_id)
+
+    def _forget_orphans(self, deps: list[TaskState], stimulus_id: str) -> None:
+        recommendations = {
+            dts.key: "forgotten"
+            for dts in deps
+            if dts.state == "released" and not dts.dependents and not dts.who_wants
+        }
+        if recommendations:
+            self.scheduler.transitions(recommendations, stimulus_id)  # type: ignore[arg-type]

@@ -1,0 +1,291 @@
+"""How the store moves bytes: one async interface, two implementations, chosen once.
+
+The :class:`~storage_scheduler.store.Store` decides *what* to read and write (object
+names, framing, verification, retries, counters); a :class:`Backend` only moves bytes,
+and never blocks the event loop that awaits it:
+
+* :class:`LocalBackend`, for local directories, calls the OS directly in the store's
+  bounded thread pool. It can do better than fsspec there: writes are staged beside the
+  target and renamed into place (atomic, on the same filesystem), and large objects are
+  read by mapping the page cache instead of copying it.
+* :class:`FsspecBackend`, for every other filesystem, speaks fsspec's async API. Async
+  filesystems (s3fs, gcsfs, ...) keep their sessions on fsspec's I/O loop, so their
+  coroutines run there and are awaited from the caller's loop, which may be any of
+  several in one process. Sync filesystems (``memory://``, ...) are wrapped in fsspec's
+  own :class:`~fsspec.implementations.asyn_wrapper.AsyncFileSystemWrapper`, which runs
+  each call with :func:`asyncio.to_thread`.
+
+Writes publish a whole object or nothing: a reader never sees a partial object.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import mmap
+import os
+import stat
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from typing import Any, TypeVar
+
+import fsspec
+import psutil
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+from fsspec.implementations.local import LocalFileSystem
+
+from storage_scheduler.store.serialize import Buffer
+
+__all__ = ["MAP_MIN_BYTES", "Backend", "FsspecBackend", "LocalBackend", "open_backend"]
+
+T = TypeVar("T")
+
+#: Local objects at least this large are read by mapping them (where that is safe).
+MAP_MIN_BYTES = 2**20
+#: Filesystems whose mapped files stay readable until unmapped, whatever other processes
+#: do: local disks and memory. Not network filesystems, where a file deleted by another
+#: host makes its mapped pages fail (SIGBUS) once the kernel evicts them.
+_MAPPABLE_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "ramfs", "overlay"}
+)
+
+
+class Backend(abc.ABC):
+    """The byte-moving operations a store needs; every path is inside one filesystem.
+
+    Missing objects raise ``FileNotFoundError`` (except where noted); other failures
+    raise whatever the filesystem raises, for the store to retry and classify.
+    """
+
+    #: Whether the backend retries transient errors itself, so that the store must not
+    #: repeat them (see ``Store._retrying``).
+    retries_itself: bool = False
+    #: Whether large objects are read by mapping them (see :func:`_maps_safely`).
+    map_reads: bool = False
+
+    @abc.abstractmethod
+    async def write(self, path: str, frames: Sequence[Buffer]) -> None:
+        """Publish ``frames``, concatenated, as the object at ``path``, replacing it."""
+
+    @abc.abstractmethod
+    async def read(self, path: str, end: int | None = None) -> Buffer:
+        """The bytes of the object at ``path``, or its first ``end`` bytes."""
+
+    @abc.abstractmethod
+    async def size(self, path: str) -> int | None:
+        """The size of the object at ``path``; ``None`` if there is none."""
+
+    @abc.abstractmethod
+    async def delete(self, paths: Sequence[str]) -> None:
+        """Delete the objects at ``paths``; paths without an object are ignored."""
+
+    @abc.abstractmethod
+    async def find(self, base: str) -> dict[str, int]:
+        """Every object below ``base`` (recursively) with its size; ``{}`` if none."""
+
+
+def open_backend(
+    fs: fsspec.AbstractFileSystem, root: str, executor: ThreadPoolExecutor, max_concurrency: int
+) -> Backend:
+    """The backend for ``fs``: :class:`LocalBackend` for local directories, else fsspec."""
+    if isinstance(fs, LocalFileSystem):
+        return LocalBackend(fs, root, executor)
+    return FsspecBackend(fs, max_concurrency)
+
+
+class LocalBackend(Backend):
+    """A local directory, through the OS, in the store's bounded thread pool.
+
+    Parameters
+    ----------
+    fs
+        The local filesystem (used only to list directories).
+    root
+        The store's root directory: decides whether reads may map files.
+    executor
+        Where blocking calls run (the store's pool, bounded by ``max-concurrency``).
+    """
+
+    def __init__(self, fs: LocalFileSystem, root: str, executor: ThreadPoolExecutor):
+        self._fs = fs
+        self._executor = executor
+        self.map_reads = _maps_safely(root)
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def write(self, path: str, frames: Sequence[Buffer]) -> None:
+        await self._in_thread(_write_replacing, path, frames)
+
+    async def read(self, path: str, end: int | None = None) -> Buffer:
+        return await self._in_thread(self._read, path, end)
+
+    def _read(self, path: str, end: int | None) -> memoryview:
+        # readinto a writeable buffer: one copy from the page cache, and numpy arrays built
+        # on it stay writeable (a bytes buffer would make distributed copy them again).
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if end is None and self.map_reads and size >= MAP_MIN_BYTES:
+                # Map the page cache instead of copying it into fresh memory: several times
+                # faster for large objects. A private (copy-on-write) mapping keeps arrays
+                # built on it writeable; objects are replaced by rename and deleted by
+                # unlink, never rewritten in place, so the mapped file cannot change.
+                return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
+            buf = _empty_buffer(size if end is None else min(size, end))
+            n = f.readinto(buf)
+        return memoryview(buf)[:n]
+
+    async def size(self, path: str) -> int | None:
+        try:
+            st = await self._in_thread(os.stat, path)
+        except FileNotFoundError:
+            return None
+        return None if stat.S_ISDIR(st.st_mode) else st.st_size
+
+    async def delete(self, paths: Sequence[str]) -> None:
+        def remove_all() -> None:
+            for p in paths:
+                with suppress(FileNotFoundError):
+                    os.unlink(p)
+
+        await self._in_thread(remove_all)
+
+    async def find(self, base: str) -> dict[str, int]:
+        return _sizes(await self._in_thread(functools.partial(self._fs.find, base, detail=True)))
+
+
+def _write_replacing(path: str, frames: Sequence[Buffer]) -> None:
+    # Not fsspec's autocommit=False: it stages in the system temp dir, and a rename
+    # across filesystems is a copy, not atomic. Stage beside the target instead.
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+
+    def stage() -> None:
+        with open(tmp, "wb") as f:
+            f.writelines(frames)
+
+    try:
+        try:
+            stage()
+        except FileNotFoundError:  # the first object of its directory: no stat per write
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            stage()
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class FsspecBackend(Backend):
+    """Any fsspec filesystem but a local one, through fsspec's async API.
+
+    Parameters
+    ----------
+    fs
+        The filesystem; sync ones are wrapped in ``AsyncFileSystemWrapper``.
+    max_concurrency
+        Calls in flight at once, per event loop.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, max_concurrency: int):
+        self._fs = fs
+        self._native = bool(fs.async_impl)
+        # The wrapper's coroutines run each sync call with asyncio.to_thread, so they are
+        # awaited on the caller's own loop (bounded by _limit below); ``asynchronous``:
+        # its blocking mirrors, which would need fsspec's I/O loop, are never called.
+        self._afs: Any = fs if self._native else AsyncFileSystemWrapper(fs, asynchronous=True)
+        self._max_concurrency = max_concurrency
+        # asyncio semaphores belong to one loop; the store may be used from several.
+        self._limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+        self._limits = weakref.WeakKeyDictionary()
+        # s3fs retries timeouts, dropped connections and throttling itself (its
+        # ``retries``, 5 by default, with backoff, around every call), and botocore
+        # retries under it: our retries on top would multiply theirs.
+        self.retries_itself = self._native and type(fs).__module__.startswith("s3fs")
+
+    def _limit(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        sem = self._limits.get(loop)
+        if sem is None:
+            sem = self._limits[loop] = asyncio.Semaphore(self._max_concurrency)
+        return sem
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Await ``afs.<method>(*args, **kwargs)`` on the loop it belongs to."""
+        async with self._limit():
+            coro = getattr(self._afs, method)(*args, **kwargs)
+            if not self._native:
+                return await coro
+            # The filesystem's session lives on fsspec's I/O loop; await it from ours.
+            future = asyncio.run_coroutine_threadsafe(coro, self._fs.loop)
+            return await asyncio.wrap_future(future)
+
+    async def write(self, path: str, frames: Sequence[Buffer]) -> None:
+        data = b"".join(frames)  # one call, so object stores publish it atomically
+        await self._call("_pipe_file", path, data)
+
+    async def read(self, path: str, end: int | None = None) -> Buffer:
+        data: Buffer = await self._call("_cat_file", path, start=None, end=end)
+        return data
+
+    async def size(self, path: str) -> int | None:
+        try:
+            info = await self._call("_info", path)
+        except FileNotFoundError:
+            return None
+        if info.get("type") == "directory":
+            return None
+        return int(info["size"])
+
+    async def delete(self, paths: Sequence[str]) -> None:
+        if self._native:
+            # One batched call (DeleteObjects on S3), which ignores missing keys.
+            await self._call("_rm", list(paths))
+            return
+
+        async def rm(path: str) -> None:
+            with suppress(FileNotFoundError):
+                await self._call("_rm_file", path)
+
+        await asyncio.gather(*map(rm, paths))
+
+    async def find(self, base: str) -> dict[str, int]:
+        # Listings may be cached (s3fs): objects written by other processes must show.
+        self._fs.invalidate_cache(base)
+        return _sizes(await self._call("_find", base, detail=True))
+
+
+def _sizes(listing: dict[str, dict[str, Any]]) -> dict[str, int]:
+    return {
+        path: int(info["size"]) for path, info in listing.items() if info.get("type") != "directory"
+    }
+
+
+def _maps_safely(root: str) -> bool:
+    """Whether objects under ``root`` can be read by mapping them (a local filesystem)."""
+    path = os.path.realpath(root)
+    best, fstype = "", ""
+    for part in psutil.disk_partitions(all=True):
+        point = part.mountpoint
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, part.fstype
+    return fstype in _MAPPABLE_FILESYSTEMS
+
+
+def _empty_buffer(size: int) -> Any:
+    """A writeable buffer of ``size`` bytes whose contents will be overwritten.
+
+    bytearray zero-fills, and an anonymous mmap page-faults every page in afresh; numpy's
+    allocator (where installed) reuses and hugepage-backs large blocks, which reads a
+    64 MiB object about twice as fast (benchmarks/store_roundtrip.py).
+    """
+    try:
+        import numpy
+    except ImportError:
+        return mmap.mmap(-1, size) if size else bytearray()
+    return numpy.empty(size, dtype="u1")

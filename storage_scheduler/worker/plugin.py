@@ -1,0 +1,170 @@
+"""The worker plugin: installs the write path and the read path on a worker.
+
+The scheduler plugin pushes :class:`StorageWorkerPlugin` to every worker, present and
+future. On each worker it opens the store, wraps ``worker.execute`` with the
+:class:`~storage_scheduler.worker.writer.ResultWriter`, makes the worker fetch inputs from
+a storage lane whenever one holds them (or from a peer first, with ``prefer: peer``),
+registers the store for the ``storage://`` comm, and adds its figures to heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dask.sizeof import sizeof
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from storage_scheduler import _compat
+from storage_scheduler._protocol import HEARTBEAT_KEY, PLUGIN_NAME, Heartbeat
+from storage_scheduler.comm import registry
+from storage_scheduler.config import StoreSettings, WorkerSettings, redact_url
+from storage_scheduler.metrics import ensure_collector
+from storage_scheduler.store import Store
+from storage_scheduler.worker.reader import report_unreadable
+from storage_scheduler.worker.writer import ResultWriter
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+__all__ = ["StorageWorkerPlugin", "WorkerStoreOverride"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerStoreOverride:
+    """A worker's own store settings (``dask worker --preload storage_scheduler
+    --storage-url ...``), kept in ``worker.extensions[PLUGIN_NAME]``; they win over the
+    scheduler's (a worker that mounts the store elsewhere, or has its own credentials)."""
+
+    settings: StoreSettings
+
+
+class StorageWorkerPlugin(WorkerPlugin):
+    """Worker half of storage_scheduler; registered by the scheduler plugin.
+
+    Parameters
+    ----------
+    store_settings
+        How to open the store (the scheduler's, unless the worker's preload overrides it).
+    store_id
+        The id in the scheduler's lane addresses for this store.
+    settings
+        Which results to store and where to read inputs from.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = False
+
+    store_settings: StoreSettings
+    store_id: str
+    settings: WorkerSettings
+    #: Set up on a worker (None before ``setup`` and after ``teardown``).
+    worker: Worker | None
+    store: Store | None
+    writer: ResultWriter | None
+    #: Bytes (in memory) of requested keys loaded from the store instead of computed.
+    bytes_loaded: int
+    _original_execute: _compat.Execute | None
+    _original_state_class: type | None
+
+    def __init__(self, store_settings: StoreSettings, store_id: str, settings: WorkerSettings):
+        self.store_settings = store_settings
+        self.store_id = store_id
+        self.settings = settings
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.worker = None
+        self.store = None
+        self.writer = None
+        self.bytes_loaded = 0
+        self._original_execute = None
+        self._original_state_class = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "store_settings": self.store_settings,
+            "store_id": self.store_id,
+            "settings": self.settings,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_state()
+
+    async def setup(self, worker: Worker) -> None:
+        # Install everything before the first await: a worker joining a cluster is already
+        # running (it may receive tasks) while its plugins are set up.
+        override = worker.extensions.get(PLUGIN_NAME)
+        settings = override.settings if isinstance(override, WorkerStoreOverride) else None
+        settings = settings or self.store_settings
+        self.store = store = Store(settings)
+        self.worker = worker
+        self.writer = ResultWriter(worker, store, self.settings)
+        registry.register(self.store_id, store, self._report_unreadable)
+        self._original_execute = _compat.wrap_execute(worker, self.writer.wrap)
+        state_class = (
+            _compat.StoreFirstWorkerState
+            if self.settings.prefer == "store"
+            else _compat.PeerFirstWorkerState
+        )
+        self._original_state_class = _compat.swap_state_class(worker, state_class)
+        # Sent with every heartbeat: the scheduler's view of each worker's store traffic.
+        worker.metrics[HEARTBEAT_KEY] = self.heartbeat
+        ensure_collector()
+        try:
+            await store.check()  # a worker that cannot reach the store says so now
+        except Exception:
+            await self.teardown(worker)
+            raise
+        logger.info(
+            "Worker %s %s results in %s",
+            worker.address,
+            "stores" if self.settings.write else "reads stored",
+            redact_url(settings.url),
+        )
+
+    async def teardown(self, worker: Worker) -> None:
+        worker.metrics.pop(HEARTBEAT_KEY, None)
+        if self.writer is not None:
+            self.writer.closed = True
+        if self._original_execute is not None:
+            _compat.restore_execute(worker, self._original_execute)
+            self._original_execute = None
+        if self._original_state_class is not None:
+            _compat.swap_state_class(worker, self._original_state_class)
+            self._original_state_class = None
+        if self.store is not None:
+            registry.unregister(self.store_id, self.store)
+            self.store.close()
+            self.store = None
+        self.worker = None
+
+    def _report_unreadable(self, keys: list[Any]) -> None:
+        if self.worker is not None:
+            report_unreadable(self.worker, keys)
+
+    def loaded(self, value: object) -> None:
+        """A requested key was loaded from the store (called from a task thread)."""
+        self.bytes_loaded += sizeof(value)
+
+    def bytes_read(self) -> int:
+        """Bytes this worker took from the store: inputs fetched from lanes, loaded keys."""
+        address = self.worker.address if self.worker is not None else None
+        return registry.bytes_served.get(address or "", 0) + self.bytes_loaded
+
+    def heartbeat(self, worker: Worker | None = None) -> Heartbeat:
+        """This worker's store traffic, as sent to the scheduler with each heartbeat."""
+        counters = self.store.counters if self.store is not None else None
+        stats = self.writer.stats if self.writer is not None else None
+        return Heartbeat(
+            bytes_written=counters.bytes_written if counters else 0,
+            objects_written=counters.objects_written if counters else 0,
+            bytes_read=self.bytes_read(),
+            writes_in_flight=counters.writes_in_flight if counters else 0,
+            write_failures=stats.write_failures if stats else 0,
+            not_stored=stats.not_stored if stats else 0,
+        )

@@ -1,0 +1,70 @@
+"""The read path on workers: loading requested stored results, reporting lost objects.
+
+Inputs a worker fetches from a lane go through the ``storage://`` comm
+(:mod:`storage_scheduler.comm`); which holder a worker prefers is the job of the
+``WorkerState`` subclasses in :mod:`storage_scheduler._compat`. What is here: the body of
+the task that loads a requested stored key, and the report that tells the scheduler a
+lane's object cannot be read, so that it drops the lane replica instead of sending
+readers back to it forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from dask._task_spec import Task
+from distributed import Reschedule
+from distributed.utils import sync
+from distributed.worker import get_worker
+
+from storage_scheduler._exceptions import StoreError
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+__all__ = ["is_loader", "load_stored", "report_unreadable"]
+
+logger = logging.getLogger(__name__)
+
+
+def report_unreadable(worker: Worker, keys: list[Any]) -> None:
+    """Tell the scheduler that the store could not serve ``keys`` (stream op)."""
+    worker.batched_send(
+        {
+            "op": "storage-unreadable",
+            "keys": keys,
+            "stimulus_id": f"storage-unreadable-{time.time()}",
+        }
+    )
+
+
+def load_stored(key: Any) -> Any:
+    """Task body of a requested key whose result the store already holds.
+
+    The scheduler gives a stored key that a client asks for this body instead of its own
+    (see :mod:`storage_scheduler.scheduler.reuse`). It runs in a worker thread. If the
+    object cannot be read (deleted, damaged, store down), the key is reported unreadable
+    and the task rescheduled; the scheduler then restores the original task and its
+    dependencies, and the result is computed instead.
+    """
+    from storage_scheduler.worker.plugin import StorageWorkerPlugin
+
+    worker = get_worker()
+    plugin = worker.plugins.get(StorageWorkerPlugin.name)
+    if not isinstance(plugin, StorageWorkerPlugin) or plugin.store is None:
+        raise Reschedule()
+    try:
+        value = sync(worker.loop, plugin.store.get, key)
+    except (OSError, StoreError) as e:
+        logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
+        worker.loop.add_callback(report_unreadable, worker, [key])
+        raise Reschedule() from e
+    plugin.loaded(value)
+    return value
+
+
+def is_loader(spec: Any) -> bool:
+    """Whether a task spec is a :func:`load_stored` body."""
+    return isinstance(spec, Task) and spec.func is load_stored
