@@ -5,81 +5,289 @@ A key alone does not say what a result is: ``delayed(f, name="x")`` keeps its ke
 result is therefore reused only when the token of the task that wants to reuse it equals
 the token recorded when it was stored. The token covers
 
-* the task spec as dask tokenizes it: the functions' identities, literal arguments and the
-  keys of the dependencies;
-* the code of every Python function in the spec (dask tokenizes importable functions by
-  name only, so an edited function would otherwise look the same), and the version of the
-  module of compiled callables (a numpy upgrade changes ``np.sum``'s token);
+* the task spec: every function in it, its literal arguments and the keys of its
+  dependencies (fused and nested tasks included);
+* for every Python function reached, *transitively*: its code (bytecode, names, constants;
+  not file names or line numbers), its default arguments, the values its closure holds,
+  and through the global names its code uses, the user functions it calls, the methods of
+  user classes it uses and the values of module-level constants it reads. "User" code is
+  code outside the Python installation and its site-packages; library functions are
+  covered by their module's name and version (a numpy upgrade changes ``np.sum``'s token);
 * a version salt: ``dask.annotate(storage_version=...)`` on the task, and the
-  ``storage-scheduler.version`` setting, for changes no hash can see (data read from a
-  file that changed, say).
+  ``storage-scheduler.version`` setting.
 
-Worker and scheduler compute the same token from the same spec. Computing it is CPU work
-of tens of microseconds; workers do it in their store's thread pool, the scheduler only
-for the stored keys a new graph could reuse.
+What it cannot see: data a function reads at run time (files, databases, environment
+variables, the clock), state held by objects that cannot be tokenized deterministically
+(those make the token unique: the task is never reused), attributes looked up on objects
+rather than by a global name, and changes inside installed libraries that keep their
+version. Use the version salt for those.
+
+Tokens are the same in every process whatever ``PYTHONHASHSEED`` is: sets are hashed in a
+sorted order, never by ``repr`` or by pickling. The digest of a function is cached on the
+function object, so a task spec costs a few microseconds once its functions are known.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import math
 import sys
+import sysconfig
 import types
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Mapping
+from functools import lru_cache
 from typing import Any
 
-from dask._task_spec import GraphNode, Task
-from dask.base import tokenize
+from dask._task_spec import Alias, DataNode, GraphNode, NestedContainer, Task, TaskRef
+from dask.tokenize import tokenize
 
 __all__ = ["task_token"]
 
+#: Values simple enough to hash by their ``repr`` (which does not depend on the hash seed).
+_SCALARS = (str, bytes, bool, int, type(None), complex, range, slice, type(Ellipsis))
 
-def _callables(node: Any, depth: int = 0) -> Iterator[Any]:
-    """Every callable inside a task spec (nested and fused tasks included)."""
-    if depth > 50:  # pathological nesting; the dask token still covers it
-        return
-    if isinstance(node, Task):
-        yield node.func
-        children: Any = (*node.args, *node.kwargs.values())
-    elif isinstance(node, GraphNode):
-        children = getattr(node, "args", ())
-    elif isinstance(node, (list, tuple, set, frozenset)):
-        children = node
-    elif isinstance(node, dict):
-        children = node.values()
-    else:
-        return
-    for child in children:
-        yield from _callables(child, depth + 1)
+#: Digest of every function object seen, computed once (a function's code and defaults are
+#: fixed; module constants are read when it is first seen).
+_function_digests: weakref.WeakKeyDictionary[Callable[..., Any], bytes] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _code_digest(code: types.CodeType, h: Any) -> None:
-    # The code's behaviour, not where it sits: no file name or line numbers, so that the
-    # same function in another checkout or after an edit elsewhere in the file matches.
-    h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    h.update(repr(code.co_varnames).encode())
+@lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    roots.update({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    return tuple(sorted(r.rstrip("/") + "/" for r in roots if r))
+
+
+@lru_cache(maxsize=4096)
+def _is_user_module(name: str | None) -> bool:
+    """Whether a module is the user's own code (not the standard library or a package)."""
+    if not name:
+        return False
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return name == "__main__"  # interactive sessions; builtins have no file either
+    return not any(str(path).startswith(root) for root in _library_roots())
+
+
+def _is_user_code(module: str | None) -> bool:
+    """Whether functions of ``module`` are digested by their code.
+
+    ``__main__`` always is (in a scheduler or worker, functions of the client's
+    ``__main__`` arrive pickled by value, while their own ``__main__`` is the ``dask``
+    command), and so is a module this process does not have (pickled by value too).
+    """
+    if module is None or module == "__main__":
+        return True
+    return module not in sys.modules or _is_user_module(module)
+
+
+@lru_cache(maxsize=4096)
+def _module_version(name: str) -> str:
+    top = name.split(".")[0]
+    version = getattr(sys.modules.get(top), "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version(top)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return sys.version if top in sys.stdlib_module_names else ""
+
+
+class _Hasher:
+    """One token's walk: a hash fed in a canonical order, with cycle protection."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self._active: set[int] = set()
+
+    def feed(self, *parts: str | bytes) -> None:
+        for part in parts:
+            data = part.encode() if isinstance(part, str) else part
+            self.h.update(len(data).to_bytes(8, "little"))
+            self.h.update(data)
+
+    def sub(self, v: Any, how: Callable[[_Hasher, Any], None] | None = None) -> bytes:
+        """The digest of ``v`` on its own (fed by ``how``, default :meth:`value`), for
+        parts hashed in a sorted order and for caching."""
+        sub = _Hasher()
+        sub._active = self._active
+        (how or _Hasher.value)(sub, v)
+        return sub.h.digest()
+
+    # ------------------------------------------------------------------- values
+
+    def value(self, v: Any) -> None:
+        """Feed a value so that equal values give equal bytes in every process."""
+        if isinstance(v, float):
+            self.feed("f", repr(v) if not math.isnan(v) else "nan")
+        elif isinstance(v, _SCALARS):
+            self.feed(type(v).__name__, repr(v))
+        elif isinstance(v, TaskRef):
+            self.feed("ref", repr(v.key))
+        elif isinstance(v, GraphNode):
+            self.node(v)
+        elif isinstance(v, (tuple, list)):
+            self.feed(type(v).__name__, str(len(v)))
+            for x in v:
+                self.value(x)
+        elif isinstance(v, (set, frozenset)):
+            self.feed(type(v).__name__, *sorted(self.sub(x) for x in v))
+        elif isinstance(v, dict):
+            items = sorted((self.sub(k), self.sub(x)) for k, x in v.items())
+            self.feed("dict", *(part for item in items for part in item))
+        elif isinstance(v, types.CodeType):
+            self.code(v)
+        elif isinstance(v, types.ModuleType):
+            self.feed("module", v.__name__, _module_version(v.__name__))
+        elif callable(v):
+            self.function(v)
+        else:
+            # Arrays, frames and other data: dask's own deterministic token. An object
+            # dask cannot tokenize deterministically gets a random one: never reused.
+            self.feed("data", type(v).__qualname__, str(tokenize(v)))
+
+    # -------------------------------------------------------------------- specs
+
+    def node(self, node: GraphNode) -> None:
+        if isinstance(node, NestedContainer):
+            parts = [self.sub(a) for a in node.args]
+            if node.klass in (set, frozenset):
+                parts.sort()  # a set's order depends on the hash seed
+            self.feed("container", node.klass.__name__, *parts)
+        elif isinstance(node, Task):
+            self.feed("task")
+            self.function(node.func)
+            self.value(node.args)
+            self.value(node.kwargs)
+        elif isinstance(node, Alias):
+            self.feed("alias", repr(node.target))
+        elif isinstance(node, DataNode):
+            self.feed("datanode")
+            self.value(node.value)
+        else:
+            self.feed("node", type(node).__qualname__, str(tokenize(node)))
+
+    # ---------------------------------------------------------------- functions
+
+    def function(self, func: Any) -> None:
+        try:
+            cached = _function_digests.get(func)
+        except TypeError:  # not weak-referenceable (a builtin, say)
+            cached = None
+        if cached is None:
+            cached = self.sub(func, _Hasher._function)
+            try:
+                _function_digests[func] = cached
+            except TypeError:
+                pass
+        self.feed(cached)
+
+    def _function(self, func: Any) -> None:
+        if id(func) in self._active:  # recursion between user functions
+            self.feed("cycle", getattr(func, "__qualname__", ""))
+            return
+        self._active.add(id(func))
+        try:
+            self._function_body(func)
+        finally:
+            self._active.discard(id(func))
+
+    def _function_body(self, func: Any) -> None:
+        inner = getattr(func, "func", None)  # functools.partial and friends
+        if inner is not None and inner is not func and callable(inner):
+            self.feed("partial")
+            self.function(inner)
+            self.value(tuple(getattr(func, "args", ())))
+            self.value(dict(getattr(func, "keywords", None) or {}))
+            return
+        bound_to = getattr(func, "__self__", None)
+        func = getattr(func, "__func__", func)  # bound methods: the function, and its object
+        code = getattr(func, "__code__", None)
+        module = getattr(func, "__module__", None) or type(func).__module__
+        name = getattr(func, "__qualname__", type(func).__qualname__)
+        if not isinstance(code, types.CodeType):
+            if isinstance(func, type) and _is_user_code(func.__module__):
+                self._user_class(func)
+            elif _is_user_code(module):  # a callable object of the user's: its state too
+                self.feed("callable", str(name))
+                self._user_class(type(func))
+                self.feed(str(tokenize(func)))
+            else:
+                self.feed("lib", str(module), str(name), _module_version(str(module)))
+            return
+        if not _is_user_code(module):
+            self.feed("lib", str(module), str(name), _module_version(str(module)))
+            return
+        self.feed("def", str(name))
+        self.code(code)
+        self.value(func.__defaults__ or ())
+        self.value(func.__kwdefaults__ or {})
+        for cell in func.__closure__ or ():
+            try:
+                self.value(cell.cell_contents)
+            except ValueError:  # an empty cell
+                self.feed("empty-cell")
+        self._globals(code, func.__globals__)
+        if bound_to is not None and not isinstance(bound_to, types.ModuleType):
+            self.feed("self")
+            self.value(bound_to)
+
+    def _user_class(self, cls: type) -> None:
+        self.feed("class", cls.__qualname__)
+        for attr, member in sorted(vars(cls).items()):
+            member = getattr(member, "__func__", member)  # static and class methods
+            if isinstance(member, types.FunctionType):
+                self.feed(attr)
+                self.function(member)
+
+    def _globals(self, code: types.CodeType, namespace: Mapping[str, Any]) -> None:
+        """What the code reads through global names: user functions and classes, module
+        constants, and the attributes it uses of user modules."""
+        names = sorted(_names(code))
+        for name in names:
+            if name not in namespace:
+                continue  # a builtin, an attribute name, or not defined yet
+            v = namespace[name]
+            if isinstance(v, types.ModuleType):
+                if _is_user_code(v.__name__):
+                    self.feed("user-module", name)
+                    for attr in names:  # ``helpers.f``: f is among the code's names
+                        member = getattr(v, attr, None)
+                        if isinstance(member, (types.FunctionType, type)):
+                            self.feed(attr)
+                            self.function(member)
+                else:
+                    self.feed("module", name, v.__name__, _module_version(v.__name__))
+            elif isinstance(v, (types.FunctionType, type)) or callable(v):
+                self.feed("global", name)
+                self.function(v)
+            else:
+                self.feed("const", name)
+                self.value(v)
+
+    def code(self, code: types.CodeType) -> None:
+        # The code's behaviour, not where it sits: no file name or line numbers, so that
+        # the same function in another checkout or after an edit elsewhere matches.
+        self.feed("code", code.co_code, repr(code.co_names), repr(code.co_varnames))
+        for const in code.co_consts:
+            self.value(const)
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Global and attribute names used by ``code`` and the code nested in it."""
+    names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            _code_digest(const, h)
-        else:
-            h.update(repr(const).encode())
-
-
-def _digest_callable(func: Any, h: Any, depth: int = 0) -> None:
-    if depth > 10:
-        return
-    inner = getattr(func, "func", None)  # functools.partial and friends
-    if inner is not None and inner is not func:
-        _digest_callable(inner, h, depth + 1)
-    func = getattr(func, "__func__", func)  # bound methods
-    code = getattr(func, "__code__", None)
-    if isinstance(code, types.CodeType):
-        _code_digest(code, h)
-        return
-    module = getattr(func, "__module__", None) or type(func).__module__
-    top = sys.modules.get(str(module).split(".")[0])
-    h.update(f"{module}:{getattr(func, '__qualname__', type(func).__qualname__)}".encode())
-    h.update(str(getattr(top, "__version__", "")).encode())
+            names |= _names(const)
+    return names
 
 
 def task_token(spec: Any, salt: object = None) -> str:
@@ -105,8 +313,8 @@ def task_token(spec: Any, salt: object = None) -> str:
     >>> a == task_token(Task("k", f, TaskRef("dep"), 1), salt="v2")
     False
     """
-    h = hashlib.sha256(str(tokenize(spec)).encode())
-    for func in _callables(spec):
-        _digest_callable(func, h)
-    h.update(repr(salt).encode())
-    return h.hexdigest()[:32]
+    hasher = _Hasher()
+    hasher.value(spec)
+    hasher.feed("salt")
+    hasher.value(salt)
+    return hasher.h.hexdigest()[:32]
