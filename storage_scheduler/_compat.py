@@ -46,6 +46,7 @@ __all__ = [
     "StoreFirstWorkerState",
     "add_replica",
     "amm_policies",
+    "annotate",
     "attach_dependencies",
     "broadcast_worker_plugin",
     "clear_lane",
@@ -63,6 +64,7 @@ __all__ = [
     "replace_amm_policy",
     "restore_execute",
     "set_comm_addresses",
+    "set_run_spec",
     "swap_state_class",
     "undo_put_in_memory",
     "worker_task",
@@ -144,6 +146,17 @@ def detach_dependencies(ts: TaskState) -> list[TaskState]:
 def attach_dependencies(ts: TaskState, deps: Iterable[TaskState]) -> None:
     for dts in deps:
         ts.add_dependency(dts)
+
+
+def set_run_spec(ts: TaskState, spec: Any) -> None:
+    """Give a task that has not started another body (only from ``update_graph``, or after
+    the body failed)."""
+    ts.run_spec = spec
+
+
+def annotate(ts: TaskState, **annotations: Any) -> None:
+    """Add annotations to a task the scheduler knows (workers see them with the task)."""
+    ts.annotations = {**(ts.annotations or {}), **annotations}
 
 
 def is_finalize_key(key: Any) -> bool:

@@ -151,6 +151,11 @@ async def test_graph_surgery_in_update_graph(c: Any, s: Scheduler, a: Worker, b:
             seen["in-memory"] = (dep.state, lane in dep.who_has, dep.nbytes)
             _compat.undo_put_in_memory(scheduler, dep, lane)
             seen["undone"] = (dep.state, bool(dep.who_has))
+            spec = top.run_spec
+            _compat.set_run_spec(top, None)
+            _compat.set_run_spec(top, spec)
+            _compat.annotate(top, storage=False)
+            seen["annotated"] = top.annotations
             deps = _compat.detach_dependencies(top)
             seen["detached"] = (len(top.dependencies), top in dep.dependents, deps == [dep])
             _compat.attach_dependencies(top, deps)
@@ -165,6 +170,7 @@ async def test_graph_surgery_in_update_graph(c: Any, s: Scheduler, a: Worker, b:
         "dep": "released",
         "in-memory": ("memory", True, 8),
         "undone": ("released", False),
+        "annotated": {"storage": False},
         "detached": (0, False, True),
         "attached": (True, True),
     }

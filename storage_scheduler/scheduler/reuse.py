@@ -207,7 +207,7 @@ def mark_p2p_steps(tasks: Mapping[Any, TaskState], keys: Iterable[Any]) -> None:
         steps = [ts]
         while steps:
             step = steps.pop()
-            step.annotations = {**(step.annotations or {}), "storage": False}
+            _compat.annotate(step, storage=False)
             if step is ts or _compat.is_p2p_step_alias(step):
                 steps.extend(step.dependencies)
 
@@ -276,12 +276,12 @@ class Reuse:
         """Give a requested stored key a body that loads it, and no dependencies."""
         spec = ts.run_spec
         self.loaders[ts.key] = (spec, _compat.detach_dependencies(ts))
-        ts.run_spec = Task(ts.key, load_stored, ts.key)
+        _compat.set_run_spec(ts, Task(ts.key, load_stored, ts.key))
 
     def _restore(self, key: Any) -> None:
         spec, deps = self.loaders.pop(key)
         ts = self.scheduler.tasks[key]
-        ts.run_spec = spec
+        _compat.set_run_spec(ts, spec)
         _compat.attach_dependencies(ts, [d for d in deps if d.key in self.scheduler.tasks])
 
     def loader_failed(self, key: Any) -> None:
