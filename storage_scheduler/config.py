@@ -126,23 +126,44 @@ def default_store_url() -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password in it replaced, for messages and reprs.
+    """``url`` for messages, pages and reprs: user info and query string replaced.
+
+    Presigned and SAS URLs carry their credentials in the query string, others in the
+    user info; scheme, host and path stay.
 
     Examples
     --------
-    >>> redact_url("http://user:secret@host/path")
-    'http://user:***@host/path'
+    >>> redact_url("http://user:secret@host/path?sig=abc&se=1")
+    'http://***@host/path?***'
     >>> redact_url("s3://bucket/prefix")
     's3://bucket/prefix'
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    rest, question, _ = rest.partition("?")
     netloc, slash, path = rest.partition("/")
-    user, at, host = netloc.rpartition("@")
-    if at and ":" in user:
-        netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    return f"{scheme}://{netloc}{slash}{path}"
+    _, at, host = netloc.rpartition("@")
+    netloc = f"***@{host}" if at else netloc
+    return f"{scheme}://{netloc}{slash}{path}" + ("?***" if question else "")
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (an error message, say) without the secret parts of ``url`` in it.
+
+    Examples
+    --------
+    >>> redact("GET https://u:pw@h/p?sig=s failed", "https://u:pw@h/p?sig=s")
+    'GET https://***@h/p?*** failed'
+    """
+    text = text.replace(url, redact_url(url))
+    scheme, sep, rest = url.partition("://")
+    netloc = rest.partition("/")[0].partition("?")[0]
+    secrets = [netloc.rpartition("@")[0], rest.partition("?")[2]] if sep else []
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from storage_scheduler._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from storage_scheduler.config import StoreSettings
+from storage_scheduler.config import StoreSettings, redact, redact_url
 from storage_scheduler.store import serialize
 from storage_scheduler.store._backends import MAP_MIN_BYTES, Backend, open_backend
 from storage_scheduler.store._counters import LATENCY_BUCKETS, LatencyHistogram, StoreCounters
@@ -92,7 +92,8 @@ class Store:
         try:
             fs, root = fsspec.core.url_to_fs(settings.url, **settings.storage_options)
         except (ValueError, ImportError, TypeError) as e:
-            raise StorageConfigError(f"cannot open store URL {settings.url!r}: {e}") from e
+            message = f"cannot open store URL {redact_url(settings.url)!r}: {e}"
+            raise StorageConfigError(redact(message, settings.url)) from e
         self.fs = fs
         self.root = root.rstrip("/")
         self._executor = ThreadPoolExecutor(
@@ -108,7 +109,8 @@ class Store:
 
     @property
     def url(self) -> str:
-        return self.settings.url
+        """The store's URL for messages: without user info or query string."""
+        return redact_url(self.settings.url)
 
     def __repr__(self) -> str:
         return f"<Store {self.url!r}>"
@@ -122,7 +124,7 @@ class Store:
         return f"{self.root}/{serialize.object_path(key)}"
 
     def _where(self, path: str) -> str:
-        return str(self.fs.unstrip_protocol(path))
+        return redact(str(self.fs.unstrip_protocol(path)), self.settings.url)
 
     @property
     def _map_reads(self) -> bool:
@@ -149,7 +151,8 @@ class Store:
                     continue
                 if isinstance(e, OSError):
                     raise
-                raise StoreError(f"{op} {self._where(path)} failed: {e!r}") from e
+                message = redact(f"{op} {self._where(path)} failed: {e!r}", self.settings.url)
+                raise StoreError(message) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
     # One attempt each, for _retrying to repeat (and for tests to make flaky).
@@ -346,6 +349,7 @@ class Store:
                 f"store {self.url!r} did not answer within {self.settings.connect_timeout:g}s"
             ) from e
         except Exception as e:
-            raise StoreUnavailableError(f"store {self.url!r} is not usable: {describe(e)}") from e
+            message = f"store {self.url!r} is not usable: {describe(e)}"
+            raise StoreUnavailableError(redact(message, self.settings.url)) from e
         finally:
             self.counters = counted
