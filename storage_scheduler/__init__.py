@@ -14,6 +14,7 @@ from storage_scheduler._exceptions import (
     StorageSchedulerError,
     StoreError,
     StoreUnavailableError,
+    UntrustedObjectError,
 )
 from storage_scheduler.config import SchedulerSettings, StoreSettings, WorkerSettings
 from storage_scheduler.enable import disable, enable
@@ -34,6 +35,7 @@ __all__ = [
     "StoreError",
     "StoreSettings",
     "StoreUnavailableError",
+    "UntrustedObjectError",
     "WorkerSettings",
     "dask_setup",
     "dask_teardown",

@@ -8,6 +8,7 @@ The hierarchy::
         - StoreUnavailableError                       unreachable, missing bucket, not writable
         - MissingObjectError    (also FileNotFoundError)  no object for a key
         - IntegrityError                              object truncated or corrupted
+          - UntrustedObjectError                      not signed with the signing key
 
 Storage backends raise the stdlib ``OSError`` family; :class:`~storage_scheduler.store.Store`
 translates whatever else they raise into :class:`StoreError` at one boundary, so callers
@@ -23,6 +24,7 @@ __all__ = [
     "StorageSchedulerError",
     "StoreError",
     "StoreUnavailableError",
+    "UntrustedObjectError",
 ]
 
 
@@ -48,3 +50,8 @@ class MissingObjectError(StoreError, FileNotFoundError):
 
 class IntegrityError(StoreError):
     """A stored object is truncated or corrupted; it must not be deserialized."""
+
+
+class UntrustedObjectError(IntegrityError):
+    """A stored object, catalog segment or lease is not signed with the configured
+    signing key (forged, or written by a cluster without the key): never unpickled."""

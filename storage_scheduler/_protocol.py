@@ -71,6 +71,8 @@ class Heartbeat(TypedDict):
     writes_in_flight: int
     write_failures: int
     not_stored: int
+    #: Objects refused because they were not signed with the signing key.
+    untrusted_objects: int
 
 
 def empty_heartbeat() -> Heartbeat:
@@ -82,6 +84,7 @@ def empty_heartbeat() -> Heartbeat:
         writes_in_flight=0,
         write_failures=0,
         not_stored=0,
+        untrusted_objects=0,
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "boolean": (bool,),
     "object": (dict,),
     "null": (type(None),),
+    "array": (list, tuple),
 }
 
 
@@ -102,6 +103,9 @@ def _validate(value: Any, schema: Mapping[str, Any], path: str) -> None:
         raise StorageConfigError(f"{path} must be at least {schema['minimum']}, got {value!r}")
     if "maximum" in schema and isinstance(value, (int, float)) and value > schema["maximum"]:
         raise StorageConfigError(f"{path} must be at most {schema['maximum']}, got {value!r}")
+    if isinstance(value, (list, tuple)) and "items" in schema:
+        for i, item in enumerate(value):
+            _validate(item, schema["items"], f"{path}[{i}]")
     if isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
             if key in value:
@@ -157,7 +161,7 @@ def redact(text: str, url: str) -> str:
     'GET https://***@h/p?*** failed'
     """
     text = text.replace(url, redact_url(url))
-    scheme, sep, rest = url.partition("://")
+    _, sep, rest = url.partition("://")
     netloc = rest.partition("/")[0].partition("?")[0]
     secrets = [netloc.rpartition("@")[0], rest.partition("?")[2]] if sep else []
     for secret in secrets:
@@ -199,6 +203,8 @@ class StoreSettings:
     max_concurrency: int
     connect_timeout: float
     retry: RetryPolicy
+    #: Keys of the objects' MACs: the first signs, any verifies. Never shown.
+    signing_keys: tuple[bytes, ...] = ()
 
     def __repr__(self) -> str:
         # Storage options may hold credentials: name them, never show their values.
@@ -207,10 +213,18 @@ class StoreSettings:
 
     @classmethod
     def from_config(
-        cls, url: str | None = None, storage_options: Mapping[str, Any] | None = None
+        cls,
+        url: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        signing_key: str | Sequence[str] | None = None,
     ) -> StoreSettings:
         """Read ``storage-scheduler.*`` from dask config; arguments override it."""
         cfg = _settings()
+        if signing_key is None:
+            signing_key = cfg["signing-key"]
+        else:
+            _validate(signing_key, _SCHEMA["properties"]["signing-key"], "signing_key")
+        keys = [signing_key] if isinstance(signing_key, str) else list(signing_key or ())
         url = url if url is not None else cfg["url"]
         if not url:
             url = default_store_url()
@@ -227,6 +241,7 @@ class StoreSettings:
                 delay_min=_seconds(retry, "delay-min", "storage-scheduler.retry"),
                 delay_max=_seconds(retry, "delay-max", "storage-scheduler.retry"),
             ),
+            signing_keys=tuple(k.encode() for k in keys if k),
         )
 
 

@@ -40,7 +40,12 @@ async def _info(client: Client) -> StorageInfo | None:
         return None  # no such handler: storage is not installed on this scheduler
 
 
-async def _enable(client: Client, url: str | None, storage_options: dict[str, Any]) -> StorageInfo:
+async def _enable(
+    client: Client,
+    url: str | None,
+    storage_options: dict[str, Any],
+    signing_key: str | list[str] | None,
+) -> StorageInfo:
     info = await _info(client)
     if info is not None:
         if url is not None and redact_url(url) != info["url"]:
@@ -51,7 +56,7 @@ async def _enable(client: Client, url: str | None, storage_options: dict[str, An
         if not info["writing"]:
             return cast(StorageInfo, await _scheduler(client).storage_set_writing(write=True))
         return info
-    plugin = StorageSchedulerPlugin(url, storage_options)
+    plugin = StorageSchedulerPlugin(url, storage_options, signing_key=signing_key)
     try:
         await _scheduler(client).register_scheduler_plugin(
             plugin=dumps(plugin),  # type: ignore[no-untyped-call]
@@ -68,7 +73,13 @@ async def _enable(client: Client, url: str | None, storage_options: dict[str, An
     return info
 
 
-def enable(client: Client, url: str | None = None, **storage_options: Any) -> Any:
+def enable(
+    client: Client,
+    url: str | None = None,
+    *,
+    signing_key: str | list[str] | None = None,
+    **storage_options: Any,
+) -> Any:
     """Store the results of this cluster's computations at ``url`` from now on.
 
     Parameters
@@ -78,6 +89,10 @@ def enable(client: Client, url: str | None = None, **storage_options: Any) -> An
     url
         fsspec URL of the store; default ``storage-scheduler.url`` in the scheduler's
         dask config.
+    signing_key
+        Key of the MACs that sign every stored object, catalog segment and lease (a list
+        rotates keys: the first signs, any verifies); default
+        ``storage-scheduler.signing-key`` in the scheduler's config. Never shown.
     **storage_options
         Filesystem options (credentials, ``endpoint_url``, ...). They travel to the
         scheduler and workers with the plugin and are never logged or shown.
@@ -98,7 +113,7 @@ def enable(client: Client, url: str | None = None, **storage_options: Any) -> An
     Idempotent: enabling again with the same URL (or none) changes nothing, and re-enables
     writing after :func:`disable`.
     """
-    return client.sync(_enable, client, url, storage_options)  # type: ignore[no-untyped-call]
+    return client.sync(_enable, client, url, storage_options, signing_key)  # type: ignore[no-untyped-call]
 
 
 async def _disable(client: Client) -> StorageInfo:

@@ -57,6 +57,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Results left to stock peer-to-peer Dask (not stored)",
     ),
+    "worker_untrusted_objects_total": (
+        "counter",
+        "Stored objects refused: not signed with the signing key (recomputed)",
+    ),
     "worker_uploads_in_flight": ("gauge", "Results being written to the store right now"),
     "worker_memory_bytes": (
         "gauge",
@@ -124,6 +128,7 @@ class StorageCollector:
             "worker_write_failures_total": lambda h, c: h["write_failures"],
             "worker_peer_fallbacks_total": lambda h, c: h["not_stored"],
             "worker_uploads_in_flight": lambda h, c: c.writes_in_flight,
+            "worker_untrusted_objects_total": lambda h, c: c.objects_untrusted,
         }
         for name, read in simple.items():
             metric = family(name, ["worker"])

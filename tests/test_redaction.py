@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from distributed.utils_test import captured_logger, gen_cluster, inc
 
 from storage_scheduler import StorageSchedulerError, Store, StoreSettings, StoreUnavailableError

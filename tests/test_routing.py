@@ -14,7 +14,7 @@ import pytest
 
 import dask
 from distributed import Scheduler, Worker, wait
-from distributed.utils_test import captured_logger, gen_cluster, inc
+from distributed.utils_test import async_poll_for, captured_logger, gen_cluster, inc
 
 from storage_scheduler import Store, StoreUnavailableError
 from storage_scheduler._protocol import is_lane
@@ -319,3 +319,19 @@ def test_bad_routing_settings(key: str, value: object) -> None:
     with dask.config.set({f"storage-scheduler.{key}": value}):
         with pytest.raises(StorageConfigError, match=f"storage-scheduler.{key}"):
             SchedulerSettings.from_config()
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_worker_on_another_store_is_refused(c, s, a, b, tmp_path: Path) -> None:
+    """A worker that opens another directory than the scheduler's store is refused."""
+    from storage_scheduler import StorageSchedulerError, StoreSettings
+    from storage_scheduler.worker import WorkerStoreOverride
+
+    other = StoreSettings.from_config(str(tmp_path / "elsewhere"))
+    a.extensions["storage-scheduler"] = WorkerStoreOverride(other)
+    with pytest.raises(StorageSchedulerError) as info:
+        await enable_storage(s, str(tmp_path / "store"))
+    message = str(info.value)
+    assert a.address in message and "does not see the scheduler's store" in message
+    assert b.address not in message
+    await async_poll_for(lambda: a.status.name in ("closing", "closed"), timeout=10)

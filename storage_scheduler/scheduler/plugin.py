@@ -50,7 +50,7 @@ from storage_scheduler.scheduler.lanes import Lanes
 from storage_scheduler.scheduler.retention import Retention
 from storage_scheduler.scheduler.reuse import Reuse, TaskTokens, mark_p2p_steps
 from storage_scheduler.scheduler.status import Counters, History, worker_status
-from storage_scheduler.store import Store
+from storage_scheduler.store import Store, probe
 from storage_scheduler.store.catalog import Catalog
 from storage_scheduler.worker.plugin import StorageWorkerPlugin
 
@@ -60,6 +60,16 @@ if TYPE_CHECKING:
 __all__ = ["StorageSchedulerPlugin"]
 
 logger = logging.getLogger(__name__)
+
+
+def _warn_if_unsigned(store: Store) -> None:
+    if not store.settings.signing_keys and not store.local:
+        logger.warning(
+            "The store %s is not signed: whoever can write it can run code on this "
+            "cluster's workers and clients. Set storage-scheduler.signing-key "
+            "(DASK_STORAGE_SCHEDULER__SIGNING_KEY) on the scheduler.",
+            store.url,
+        )
 
 
 class StorageSchedulerPlugin(SchedulerPlugin):
@@ -74,6 +84,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         be ``key=value`` strings (from the command line).
     lanes
         Number of storage lanes; default ``storage-scheduler.lanes``.
+    signing_key
+        Key (or keys, the first signing) of the objects' MACs; default
+        ``storage-scheduler.signing-key``. Travels to the workers; never shown.
 
     Settings are read and validated in :meth:`start`, so that a bad URL or an unreachable
     store stops the scheduler from starting instead of being logged and ignored.
@@ -95,16 +108,20 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     counters: Counters
     history: History
     _background: asyncio.Task[None] | None
+    #: What workers must read back from ``probes/<catalog writer id>``.
+    _nonce: str
 
     def __init__(
         self,
         url: str | None = None,
         storage_options: dict[str, Any] | Sequence[str] | None = None,
         lanes: int | None = None,
+        signing_key: str | Sequence[str] | None = None,
     ):
         self._url = url
         self._storage_options = storage_options
         self._lanes = lanes
+        self._signing_key = signing_key
         self.started = False
         self.counters = Counters()
         self.history = History()
@@ -117,13 +134,15 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         options = self._storage_options or {}
         if not isinstance(options, dict):
             options = parse_storage_options(options)
-        self.store_settings = StoreSettings.from_config(self._url, options)
+        self.store_settings = StoreSettings.from_config(self._url, options, self._signing_key)
         self.settings = SchedulerSettings.from_config(self._lanes)
         store = Store(self.store_settings)
         try:
             await store.check()
             catalog = Catalog(store, uuid.uuid4().hex[:12])
             await catalog.load()
+            # Workers must read this back: proof that they see this store, not another.
+            self._nonce = await probe.publish_nonce(store, catalog.writer_id)
         except Exception:
             store.close()
             raise
@@ -149,6 +168,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             raise
         ensure_collector()
         add_dashboard_page(scheduler)
+        _warn_if_unsigned(store)
         logger.info(
             "Storing results in %s (%d lanes, results=%s, prefer=%s)",
             redact_url(self.store_settings.url),
@@ -159,7 +179,12 @@ class StorageSchedulerPlugin(SchedulerPlugin):
 
     async def _push_worker_plugin(self) -> None:
         """Install (or replace) the worker side on every worker, present and future."""
-        plugin = StorageWorkerPlugin(self.store_settings, self.store_id, self.settings.worker)
+        plugin = StorageWorkerPlugin(
+            self.store_settings,
+            self.store_id,
+            self.settings.worker,
+            probe=(self.catalog.writer_id, self._nonce),
+        )
         responses = await _compat.broadcast_worker_plugin(
             self.scheduler,
             PLUGIN_NAME,
@@ -201,6 +226,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
                 await self._background
         try:
             await self.retention.close()
+            await probe.forget_nonce(self.store, self.catalog.writer_id)
         except Exception as e:
             logger.warning(
                 "Could not save the catalog to %s at close: %s",

@@ -38,6 +38,8 @@ class StoreCounters:
     bytes_written: int = 0
     objects_read: int = 0
     bytes_read: int = 0
+    #: Objects refused because they were not signed with the signing key.
+    objects_untrusted: int = 0
     #: Writes (serialization included) and reads (deserialization included) under way.
     writes_in_flight: int = 0
     reads_in_flight: int = 0

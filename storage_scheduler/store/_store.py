@@ -19,7 +19,6 @@ import builtins
 import errno
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -32,13 +31,18 @@ from storage_scheduler._exceptions import (
     MissingObjectError,
     StorageConfigError,
     StoreError,
-    StoreUnavailableError,
+    UntrustedObjectError,
 )
 from storage_scheduler.config import StoreSettings, redact, redact_url
-from storage_scheduler.store import serialize
-from storage_scheduler.store._backends import MAP_MIN_BYTES, Backend, open_backend
+from storage_scheduler.store import serialize, signing
+from storage_scheduler.store._backends import (
+    MAP_MIN_BYTES,
+    Backend,
+    LocalBackend,
+    open_backend,
+)
 from storage_scheduler.store._counters import LATENCY_BUCKETS, LatencyHistogram, StoreCounters
-from storage_scheduler.store._errors import describe, is_transient
+from storage_scheduler.store._errors import is_transient
 
 __all__ = ["LATENCY_BUCKETS", "MAP_MIN_BYTES", "LatencyHistogram", "Store", "StoreCounters"]
 
@@ -106,6 +110,17 @@ class Store:
     def from_url(cls, url: str | None = None, **storage_options: Any) -> Store:
         """A store for ``url`` (default: ``storage-scheduler.url``), other settings from config."""
         return cls(StoreSettings.from_config(url, storage_options))
+
+    @property
+    def local(self) -> bool:
+        """Whether the store is a directory of this machine's filesystem."""
+        return isinstance(self._backend, LocalBackend)
+
+    @property
+    def _signing_key(self) -> bytes | None:
+        """The key new objects and files are signed with (the first configured)."""
+        keys = self.settings.signing_keys
+        return keys[0] if keys else None
 
     @property
     def url(self) -> str:
@@ -177,7 +192,13 @@ class Store:
 
         def encode() -> list[serialize.Buffer]:
             tok = token() if callable(token) else token
-            return serialize.encode(key, value, token=tok, compression=self.settings.compression)
+            return serialize.encode(
+                key,
+                value,
+                token=tok,
+                compression=self.settings.compression,
+                signing_key=self._signing_key,
+            )
 
         counters = self.counters
         counters.writes_in_flight += 1
@@ -231,7 +252,12 @@ class Store:
                     errno.ENOENT, f"no stored result for key {key!r}", where
                 ) from e
             # Verify and decode in one trip to the thread pool: both are CPU work.
-            out = await self._in_thread(lambda: then(*serialize.verify(data, key, where)))
+            keys = self.settings.signing_keys
+            try:
+                out = await self._in_thread(lambda: then(*serialize.verify(data, key, where, keys)))
+            except UntrustedObjectError:
+                counters.objects_untrusted += 1
+                raise
         finally:
             counters.reads_in_flight -= 1
         counters.read_seconds.observe(time.perf_counter() - start)
@@ -284,17 +310,7 @@ class Store:
         """
         base = f"{self.root}/objects"
         listing = await self._retrying("list", base, lambda: self._backend.find(base))
-        out: dict[Any, int] = {}
-        digest_named: list[tuple[str, int]] = []
-        for path, size in listing.items():
-            name = path.rsplit("/", 1)[-1]
-            if "." in name:
-                continue
-            key = serialize.key_from_object_name(name)
-            if key is None:
-                digest_named.append((path, size))
-            else:
-                out[key] = size
+        out, digest_named = serialize.keys_in_listing(listing)
         headers = await asyncio.gather(*(self._read_header(p) for p, _ in digest_named))
         for (_, size), header in zip(digest_named, headers, strict=True):
             out[header.key] = size
@@ -305,13 +321,23 @@ class Store:
     # named by paths relative to the root, outside ``objects/``.
 
     async def write_file(self, name: str, data: bytes) -> None:
-        """Write (atomically, replacing) the file ``name`` under the store's root."""
+        """Write (atomically, replacing) the file ``name`` under the store's root; signed
+        when a signing key is configured."""
         path = f"{self.root}/{name}"
-        await self._retrying("write", path, lambda: self._write(path, [data]))
+        sealed = signing.seal(data, self._signing_key)
+        await self._retrying("write", path, lambda: self._write(path, [sealed]))
 
     async def read_file(self, name: str) -> bytes:
+        """The data of the file ``name``.
+
+        Raises
+        ------
+        UntrustedObjectError
+            If a signing key is configured and the file is not signed with it.
+        """
         path = f"{self.root}/{name}"
-        return bytes(await self._retrying("read", path, lambda: self._read(path)))
+        data = bytes(await self._retrying("read", path, lambda: self._read(path)))
+        return signing.unseal(data, self.settings.signing_keys, self._where(path))
 
     async def list_files(self, prefix: str) -> builtins.list[str]:
         """Names (relative to the root) of the finished files under ``prefix``."""
@@ -324,32 +350,7 @@ class Store:
         await self._delete_paths([f"{self.root}/{n}" for n in names])
 
     async def check(self) -> None:
-        """Probe the store: write, read back and delete a small object.
+        """Probe the store (see :func:`storage_scheduler.store.probe.check`)."""
+        from storage_scheduler.store.probe import check
 
-        Raises
-        ------
-        StoreUnavailableError
-            If any step fails or the store does not answer within
-            ``storage-scheduler.connect-timeout``; the message names the URL and the cause.
-        """
-        key = ("storage-scheduler-probe", uuid.uuid4().hex)
-        counted = self.counters
-        self.counters = StoreCounters()  # the probe is not traffic worth reporting
-
-        async def probe() -> None:
-            await self.put(key, b"probe")
-            if await self.get(key) != b"probe":
-                raise StoreError("the probe object read back differs from what was written")
-            await self.delete([key])
-
-        try:
-            await asyncio.wait_for(probe(), self.settings.connect_timeout)
-        except asyncio.TimeoutError as e:
-            raise StoreUnavailableError(
-                f"store {self.url!r} did not answer within {self.settings.connect_timeout:g}s"
-            ) from e
-        except Exception as e:
-            message = f"store {self.url!r} is not usable: {describe(e)}"
-            raise StoreUnavailableError(redact(message, self.settings.url)) from e
-        finally:
-            self.counters = counted
+        await check(self)

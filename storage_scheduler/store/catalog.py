@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from storage_scheduler._exceptions import UntrustedObjectError
 from storage_scheduler.store._store import Store
 from storage_scheduler.store.serialize import key_to_msgpack, msgpack_ext_hook
 
@@ -176,11 +177,15 @@ class Catalog:
 
     async def load(self) -> None:
         """Replay the manifest into memory; compact it when it has many segments."""
-        names = await self.store.list_files(MANIFEST)
-        blobs = await asyncio.gather(*(self.store.read_file(n) for n in names))
+        listed = await self.store.list_files(MANIFEST)
+        read = await asyncio.gather(*map(self._read_segment, listed))
+        names = [n for n, blob in zip(listed, read, strict=True) if blob is not None]
+        blobs = [blob for blob in read if blob is not None]
         loop = asyncio.get_running_loop()
         entries = await loop.run_in_executor(None, self._replay, blobs, names)
         self._replace(entries)
+        # Only what was read is replaced (and deleted) by a compaction: a segment that
+        # vanished is someone else's business, an untrusted one stays for inspection.
         self._seen_segments = list(names)
         logger.info(
             "Catalog of %s: %d stored keys from %d segments",
@@ -190,6 +195,15 @@ class Catalog:
         )
         if len(names) > COMPACT_AFTER:
             await self.compact()
+
+    async def _read_segment(self, name: str) -> bytes | None:
+        try:
+            return await self.store.read_file(name)
+        except FileNotFoundError:
+            return None  # compacted away by another scheduler since the listing
+        except UntrustedObjectError as e:
+            logger.warning("Ignoring catalog segment %s: %s", name, e)
+            return None
 
     def _replay(self, blobs: list[bytes], names: list[str]) -> dict[Any, Entry]:
         entries: dict[Any, Entry] = {}

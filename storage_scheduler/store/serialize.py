@@ -4,6 +4,10 @@ An object is::
 
     MAGIC (8 bytes) | header length (u32) | checksum (u64) | header (msgpack) | payload
 
+and, signed (``storage-scheduler.signing-key``)::
+
+    MAGIC_SIGNED | header length | checksum | HMAC-SHA256 (32 bytes) | header | payload
+
 The payload is distributed's own framing of the value (:func:`serialize_bytelist`), so
 numpy buffers and other out-of-band frames are written without copies. The checksum
 (xxh3-64) covers the header and the payload: a truncated or corrupted object raises
@@ -31,7 +35,8 @@ from distributed.protocol.compression import decompress
 from distributed.protocol.serialize import Serialized, deserialize_bytes, serialize_bytelist
 from distributed.protocol.utils import unpack_frames
 
-from storage_scheduler._exceptions import IntegrityError
+from storage_scheduler._exceptions import IntegrityError, UntrustedObjectError
+from storage_scheduler.store import signing
 
 __all__ = [
     "ObjectHeader",
@@ -52,6 +57,8 @@ __all__ = [
 Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"DSKSTOR1"
+#: Leads a signed object: the prefix is followed by the MAC of header and payload.
+MAGIC_SIGNED = b"DSKSIGN1"
 _PREFIX = struct.Struct("<8sIQ")
 PREFIX_SIZE = _PREFIX.size
 _BIGINT = 1  # msgpack ext type of integers outside the 64-bit range
@@ -135,6 +142,29 @@ def key_from_object_name(name: str) -> Any | None:
     return unpack_key(base64.b32decode(spelled + "=" * (-len(spelled) % 8)))
 
 
+def keys_in_listing(listing: dict[str, int]) -> tuple[dict[Any, int], list[tuple[str, int]]]:
+    """Sizes by key of the objects in a listing (path to size), and the (path, size) of
+    those named by a digest, whose key is in their header. Temporary files are skipped.
+
+    Examples
+    --------
+    >>> keys_in_listing({"objects/0a/kuf4a": 10, "objects/0a/kuf4a.tmp-1": 3, "objects/1b/h00": 5})
+    ({'x': 10}, [('objects/1b/h00', 5)])
+    """
+    keyed: dict[Any, int] = {}
+    digest_named: list[tuple[str, int]] = []
+    for path, size in listing.items():
+        name = path.rsplit("/", 1)[-1]
+        if "." in name:
+            continue
+        key = key_from_object_name(name)
+        if key is None:
+            digest_named.append((path, size))
+        else:
+            keyed[key] = size
+    return keyed, digest_named
+
+
 def object_path(key: object) -> str:
     """Path of a key's object relative to the store root: ``objects/<shard>/<name>``.
 
@@ -171,10 +201,12 @@ def encode(
     *,
     token: str | None = None,
     compression: str | bool | None = "auto",
+    signing_key: bytes | None = None,
 ) -> list[Buffer]:
     """Frames of the object storing ``value`` under ``key``; write them in order.
 
-    The frames reference the value's buffers (no copy of numpy data is made).
+    The frames reference the value's buffers (no copy of numpy data is made). With a
+    ``signing_key`` the object is signed (see :mod:`~storage_scheduler.store.signing`).
     """
     # on_error="raise": by default distributed "serializes" a failure as an error message,
     # which would be stored as if it were the result.
@@ -196,7 +228,10 @@ def encode(
     digest = xxhash.xxh3_64(header)
     for frame in payload:
         digest.update(frame)
-    return [_PREFIX.pack(MAGIC, len(header), digest.intdigest()), header, *payload]
+    if signing_key is None:
+        return [_PREFIX.pack(MAGIC, len(header), digest.intdigest()), header, *payload]
+    tag = signing.mac(signing_key, [header, *payload])
+    return [_PREFIX.pack(MAGIC_SIGNED, len(header), digest.intdigest()), tag, header, *payload]
 
 
 def _parse_header(data: Buffer, where: str) -> ObjectHeader:
@@ -213,38 +248,58 @@ def _parse_header(data: Buffer, where: str) -> ObjectHeader:
         raise IntegrityError(f"corrupted object header in {where}: {e}") from e
 
 
-def _split_prefix(buf: memoryview, where: str) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _Layout:
+    """Where the parts of an object sit."""
+
+    #: Offset of the header: after the prefix, and the MAC of a signed object.
+    header_start: int
+    header_len: int
+    checksum: int
+    #: The MAC of a signed object, else None.
+    tag: memoryview | None
+
+    @property
+    def header_end(self) -> int:
+        return self.header_start + self.header_len
+
+
+def _layout(buf: memoryview, where: str) -> _Layout:
     if buf.nbytes < PREFIX_SIZE:
         raise IntegrityError(f"truncated object {where}: {buf.nbytes} bytes")
     magic, header_len, checksum = _PREFIX.unpack_from(buf)
-    if magic != MAGIC:
-        raise IntegrityError(f"not a storage_scheduler object: {where}")
-    return header_len, checksum
+    if magic == MAGIC:
+        return _Layout(PREFIX_SIZE, header_len, checksum, None)
+    if magic == MAGIC_SIGNED:
+        start = PREFIX_SIZE + signing.MAC_SIZE
+        return _Layout(start, header_len, checksum, buf[PREFIX_SIZE:start])
+    raise IntegrityError(f"not a storage_scheduler object: {where}")
 
 
 def read_header(data: Buffer, where: str = "object") -> ObjectHeader:
-    """Parse the header from the first bytes of an object (for listings).
+    """Parse the header from the first bytes of an object (for listings; not verified).
 
     Raises IntegrityError if ``data`` is too short to hold the whole header.
     """
     buf = memoryview(data).cast("B")
-    header_len, _ = _split_prefix(buf, where)
-    end = PREFIX_SIZE + header_len
-    if buf.nbytes < end:
+    layout = _layout(buf, where)
+    if buf.nbytes < layout.header_end:
         raise IntegrityError(f"truncated object header in {where}")
-    return _parse_header(buf[PREFIX_SIZE:end], where)
+    return _parse_header(buf[layout.header_start : layout.header_end], where)
 
 
 def header_span(data: Buffer, where: str = "object") -> int:
     """How many leading bytes of an object hold its prefix and header."""
-    header_len, _ = _split_prefix(memoryview(data).cast("B"), where)
-    return PREFIX_SIZE + header_len
+    return _layout(memoryview(data).cast("B"), where).header_end
 
 
 def verify(
-    data: Buffer, key: object = None, where: str = "object"
+    data: Buffer,
+    key: object = None,
+    where: str = "object",
+    signing_keys: Sequence[bytes] = (),
 ) -> tuple[ObjectHeader, memoryview]:
-    """Check an object's length and checksum; return its header and payload.
+    """Check an object's length, checksum and signature; return its header and payload.
 
     Parameters
     ----------
@@ -254,26 +309,34 @@ def verify(
         If given, the key the object must hold (guards against misplaced objects).
     where
         Path or URL named in error messages.
+    signing_keys
+        If given, the object must be signed with one of them.
 
     Raises
     ------
     IntegrityError
         If the object is truncated, corrupted, or holds another key.
+    UntrustedObjectError
+        If ``signing_keys`` are given and none of them signed the object.
     """
     buf = memoryview(data).cast("B")
-    header_len, checksum = _split_prefix(buf, where)
-    end = PREFIX_SIZE + header_len
+    layout = _layout(buf, where)
+    start, end = layout.header_start, layout.header_end
     if buf.nbytes < end:
         raise IntegrityError(f"truncated object {where}: {buf.nbytes} bytes")
-    body = buf[PREFIX_SIZE:]
-    if xxhash.xxh3_64_intdigest(body) != checksum:
+    body = buf[start:]
+    if xxhash.xxh3_64_intdigest(body) != layout.checksum:
         # Name the likelier cause: a short object was cut off, a full-length one damaged.
-        header = _parse_header(buf[PREFIX_SIZE:end], where)
+        header = _parse_header(buf[start:end], where)
         expected = end + header.nbytes
         if buf.nbytes != expected:
             raise IntegrityError(f"truncated object {where}: {buf.nbytes} of {expected} bytes")
         raise IntegrityError(f"corrupted object {where}: checksum mismatch")
-    header = _parse_header(buf[PREFIX_SIZE:end], where)
+    if signing_keys:
+        if layout.tag is None:
+            raise UntrustedObjectError(f"object {where} is not signed: not trusted")
+        signing.verify_mac(signing_keys, [body], layout.tag, f"object {where}")
+    header = _parse_header(buf[start:end], where)
     if key is not None and pack_key(key) != pack_key(header.key):
         raise IntegrityError(f"object {where} holds key {header.key!r}, not {key!r}")
     return header, buf[end:]

@@ -17,11 +17,12 @@ from dask.sizeof import sizeof
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from storage_scheduler import _compat
+from storage_scheduler._exceptions import StoreUnavailableError
 from storage_scheduler._protocol import HEARTBEAT_KEY, PLUGIN_NAME, Heartbeat
 from storage_scheduler.comm import registry
 from storage_scheduler.config import StoreSettings, WorkerSettings, redact_url
 from storage_scheduler.metrics import ensure_collector
-from storage_scheduler.store import Store
+from storage_scheduler.store import Store, probe
 from storage_scheduler.worker.reader import report_unreadable
 from storage_scheduler.worker.writer import ResultWriter
 
@@ -53,6 +54,9 @@ class StorageWorkerPlugin(WorkerPlugin):
         The id in the scheduler's lane addresses for this store.
     settings
         Which results to store and where to read inputs from.
+    probe
+        Name and content of the file the scheduler wrote in its store: a worker that does
+        not read the same back sees another store and is refused.
     """
 
     name = PLUGIN_NAME
@@ -61,6 +65,8 @@ class StorageWorkerPlugin(WorkerPlugin):
     store_settings: StoreSettings
     store_id: str
     settings: WorkerSettings
+    #: (name, nonce) of the scheduler's probe file, or None (nothing to check).
+    probe: tuple[str, str] | None
     #: Set up on a worker (None before ``setup`` and after ``teardown``).
     worker: Worker | None
     store: Store | None
@@ -70,10 +76,17 @@ class StorageWorkerPlugin(WorkerPlugin):
     _original_execute: _compat.Execute | None
     _original_state_class: type | None
 
-    def __init__(self, store_settings: StoreSettings, store_id: str, settings: WorkerSettings):
+    def __init__(
+        self,
+        store_settings: StoreSettings,
+        store_id: str,
+        settings: WorkerSettings,
+        probe: tuple[str, str] | None = None,
+    ):
         self.store_settings = store_settings
         self.store_id = store_id
         self.settings = settings
+        self.probe = probe
         self._init_state()
 
     def _init_state(self) -> None:
@@ -89,6 +102,7 @@ class StorageWorkerPlugin(WorkerPlugin):
             "store_settings": self.store_settings,
             "store_id": self.store_id,
             "settings": self.settings,
+            "probe": self.probe,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -117,6 +131,7 @@ class StorageWorkerPlugin(WorkerPlugin):
         ensure_collector()
         try:
             await store.check()  # a worker that cannot reach the store says so now
+            await self._check_same_store(worker, store)
         except Exception:
             await self.teardown(worker)
             raise
@@ -143,6 +158,28 @@ class StorageWorkerPlugin(WorkerPlugin):
             self.store = None
         self.worker = None
 
+    async def _check_same_store(self, worker: Worker, store: Store) -> None:
+        """Refuse to work on a store other than the scheduler's (another host's cache
+        directory, another bucket): results would not be shared, old objects served."""
+        if self.probe is None:
+            return
+        name, nonce = self.probe
+        seen = await probe.read_nonce(store, name)
+        if seen == nonce:
+            return
+        what = "nothing" if seen is None else "another cluster's probe"
+        # Nothing this worker computes could be shared: take it out of the cluster (with
+        # its nanny, which would otherwise start it again on the same store).
+        worker.loop.add_callback(
+            worker.close, nanny=True, reason="storage-scheduler: not the scheduler's store"
+        )
+        raise StoreUnavailableError(
+            f"worker {worker.address} does not see the scheduler's store: it opened "
+            f"{store.url!r} and found {what} at {probe.PROBES}/{name}. Give every worker "
+            "the same store (a shared directory or bucket), or its own path to it with "
+            "dask worker --preload storage_scheduler --storage-url URL"
+        )
+
     def _report_unreadable(self, keys: list[Any]) -> None:
         if self.worker is not None:
             report_unreadable(self.worker, keys)
@@ -167,4 +204,5 @@ class StorageWorkerPlugin(WorkerPlugin):
             writes_in_flight=counters.writes_in_flight if counters else 0,
             write_failures=stats.write_failures if stats else 0,
             not_stored=stats.not_stored if stats else 0,
+            untrusted_objects=counters.objects_untrusted if counters else 0,
         )

@@ -1,0 +1,131 @@
+"""Signed stores: nothing unsigned or signed with another key is unpickled or trusted."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dask
+from dask import delayed
+from distributed.utils_test import captured_logger, gen_test
+
+from storage_scheduler import Store, StoreSettings, UntrustedObjectError
+from storage_scheduler.store.catalog import Catalog
+from storage_scheduler.store.leases import keys_leased_by_others, write_lease
+from tests.utils import storage_cluster
+
+KEY = "test-signing-key-never-shown"
+CALLS: list[Any] = []
+
+
+class Payload:
+    """Unpickling it creates a file: proof that a forged object was deserialized."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (open, (str(self.marker), "w"))
+
+
+def store(url: str, key: str | list[str] | None) -> Store:
+    """A store signing with ``key``; None: without any key, whatever the config says."""
+    return Store(StoreSettings.from_config(url, signing_key=[] if key is None else key))
+
+
+def inc(x: int) -> int:
+    CALLS.append(x)
+    return x + 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("forger_key", [None, "another-key"], ids=["unsigned", "wrong-key"])
+async def test_forged_object_is_never_unpickled(tmp_path: Path, forger_key: str | None) -> None:
+    url, marker = str(tmp_path / "store"), tmp_path / "pwned"
+    signed, forger = store(url, KEY), store(url, forger_key)
+    try:
+        await signed.put("x", 42, token="t")
+        assert await signed.get("x") == 42
+        await forger.put("x", Payload(marker), token="t")  # a valid checksum, no valid MAC
+        with pytest.raises(UntrustedObjectError):
+            await signed.get("x")
+        with pytest.raises(UntrustedObjectError):
+            await signed.get_serialized("x")
+        assert not marker.exists()
+        # Without a key configured, a reader trusts checksums only, as before.
+        assert (await forger.read("x"))[0].token == "t"
+    finally:
+        signed.close()
+        forger.close()
+
+
+@pytest.mark.asyncio
+async def test_key_rotation(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    old, rotated = store(url, "old"), store(url, ["new", "old"])
+    try:
+        await old.put("a", 1)
+        await rotated.put("b", 2)
+        assert await rotated.get("a") == 1  # signed with the old key: still accepted
+        assert await rotated.get("b") == 2
+        with pytest.raises(UntrustedObjectError):
+            await old.get("b")  # signed with the new key only
+    finally:
+        old.close()
+        rotated.close()
+
+
+@pytest.mark.asyncio
+async def test_forged_segments_and_leases_are_ignored(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    signed, forger = store(url, KEY), store(url, None)
+    try:
+        good = Catalog(signed)
+        good.add("real", "t1", 10)
+        await good.flush()
+        bad = Catalog(forger)
+        bad.add("forged", "t2", 10)
+        await bad.flush()
+        with captured_logger("storage_scheduler", level=logging.WARNING) as log:
+            loaded = Catalog(signed)
+            await loaded.load()
+        assert set(loaded.entries) == {"real"}
+        assert "Ignoring catalog segment" in log.getvalue()
+        await write_lease(forger, "leases/forged", ["real"], expires=2e9)
+        await write_lease(signed, "leases/honest", ["other"], expires=2e9)
+        assert await keys_leased_by_others(signed, own_lease=None) == {"other"}
+    finally:
+        signed.close()
+        forger.close()
+
+
+@gen_test(timeout=60)
+async def test_cluster_recomputes_forged_results_and_reuses_signed_ones(tmp_path: Path) -> None:
+    url, marker = str(tmp_path / "store"), tmp_path / "pwned"
+    CALLS.clear()
+    graph = delayed(inc)(delayed(inc)(1, dask_key_name="x"), dask_key_name="y")
+    with dask.config.set({"storage-scheduler.signing-key": KEY}):
+        async with storage_cluster(url) as (c, s, plugin):
+            assert await c.compute(graph) == 3
+        assert CALLS == [1, 2]
+        # Signed results are reused by the next cluster.
+        async with storage_cluster(url) as (c, s, plugin):
+            assert await c.compute(graph) == 3
+            assert plugin.reuse.reused_total == 1
+        assert CALLS == [1, 2]
+        # Someone without the key replaces y, keeping its token so that it would be reused.
+        forger = store(url, None)
+        header, _ = await forger.read("y")
+        await forger.put("y", Payload(marker), token=header.token)
+        forger.close()
+        with captured_logger("storage_scheduler", level=logging.WARNING) as log:
+            async with storage_cluster(url) as (c, s, plugin):
+                assert await c.compute(graph) == 3
+                info = plugin.storage_info()
+        assert not marker.exists()
+        assert CALLS == [1, 2, 1, 2]  # y recomputed (and x, an intermediate deleted by GC)
+        assert KEY not in log.getvalue() + repr(info) + repr(plugin.store_settings)
+        assert "not signed" in log.getvalue() or "not trusted" in log.getvalue()
