@@ -63,6 +63,7 @@ __all__ = [
     "remove_replica",
     "replace_amm_policy",
     "restore_execute",
+    "send_to_worker",
     "set_comm_addresses",
     "set_run_spec",
     "swap_state_class",
@@ -190,6 +191,14 @@ async def broadcast_worker_plugin(scheduler: Scheduler, name: str, data: bytes) 
         msg={"op": "plugin-add", "plugin": data, "name": name}, on_error="return"
     )
     return responses
+
+
+def send_to_worker(scheduler: Scheduler, address: str, msg: dict[str, Any]) -> None:
+    """Queue a stream message to a worker; sent with (and before) the messages the
+    current transitions produce, which are queued once they are over."""
+    stream = scheduler.stream_comms.get(address)
+    if stream is not None:
+        stream.send(msg)
 
 
 # ------------------------------------------------------------------ scheduler: AMM

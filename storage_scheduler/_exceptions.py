@@ -7,6 +7,7 @@ The hierarchy::
       + StoreError              (also an OSError)     the store failed an operation
         - StoreUnavailableError                       unreachable, missing bucket, not writable
         - MissingObjectError    (also FileNotFoundError)  no object for a key
+          - StaleObjectError                          the object holds another token
         - IntegrityError                              object truncated or corrupted
           - UntrustedObjectError                      not signed with the signing key
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "IntegrityError",
     "MissingObjectError",
+    "StaleObjectError",
     "StorageConfigError",
     "StorageSchedulerError",
     "StoreError",
@@ -55,3 +57,8 @@ class IntegrityError(StoreError):
 class UntrustedObjectError(IntegrityError):
     """A stored object, catalog segment or lease is not signed with the configured
     signing key (forged, or written by a cluster without the key): never unpickled."""
+
+
+class StaleObjectError(MissingObjectError):
+    """The object stored for a key was produced by other code (another token): for the
+    reader, the result it wants is missing."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +46,16 @@ logger = logging.getLogger(__name__)
 
 #: Called with the keys a lane could not serve.
 UnreadableListener = Callable[[list[Any]], None]
+#: The tokens of the results the cluster holds in its lanes, for some keys: what a read
+#: from a lane must find in the object (another token is another cluster's result).
+TokenLookup = Callable[[list[Any]], Awaitable[dict[Any, str]]]
 
 
 @dataclass
 class _Entry:
     store: Store
     listener: UnreadableListener | None
+    tokens: TokenLookup | None = None
 
 
 @dataclass
@@ -68,8 +72,14 @@ class StoreRegistry:
     #: Bytes (in memory, as dask sizes them) that lanes served, by requester address.
     bytes_served: Counter[str] = field(default_factory=Counter)
 
-    def register(self, store_id: str, store: Store, listener: UnreadableListener | None) -> None:
-        self._entries.setdefault(store_id, []).append(_Entry(store, listener))
+    def register(
+        self,
+        store_id: str,
+        store: Store,
+        listener: UnreadableListener | None,
+        tokens: TokenLookup | None = None,
+    ) -> None:
+        self._entries.setdefault(store_id, []).append(_Entry(store, listener, tokens))
 
     def unregister(self, store_id: str, store: Store) -> None:
         entries = [e for e in self._entries.get(store_id, []) if e.store is not store]
@@ -81,6 +91,20 @@ class StoreRegistry:
     def store(self, store_id: str) -> Store | None:
         entries = self._entries.get(store_id)
         return entries[0].store if entries else None
+
+    async def tokens(self, store_id: str, keys: list[Any]) -> dict[Any, str]:
+        """The tokens the registered plugins know for ``keys`` (the first to know wins)."""
+        found: dict[Any, str] = {}
+        for entry in list(self._entries.get(store_id, [])):
+            missing = [k for k in keys if k not in found]
+            if not missing:
+                break
+            if entry.tokens is not None:
+                try:
+                    found.update(await entry.tokens(missing))
+                except Exception as e:  # the scheduler is gone, say: read unchecked
+                    logger.debug("Cannot look up the tokens of %d keys: %s", len(missing), e)
+        return found
 
     def report_unreadable(self, store_id: str, keys: list[Any]) -> None:
         for entry in list(self._entries.get(store_id, [])):
@@ -136,7 +160,10 @@ class StorageComm(Comm):
         read = self._store.get if self.deserialize else self._store.get_serialized
         # Shows in Dask's fine performance metrics as gather-dep / store-read.
         with context_meter.meter("store-read", "seconds"):
-            results = await asyncio.gather(*map(read, keys), return_exceptions=True)
+            tokens = await registry.tokens(self._store_id, keys)
+            results = await asyncio.gather(
+                *(read(key, tokens.get(key)) for key in keys), return_exceptions=True
+            )
         data: dict[Any, Any] = {}
         unreadable: list[Any] = []
         for key, result in zip(keys, results, strict=True):

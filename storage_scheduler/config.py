@@ -206,6 +206,11 @@ class StoreSettings:
     #: Keys of the objects' MACs: the first signs, any verifies. Never shown.
     signing_keys: tuple[bytes, ...] = ()
 
+    @property
+    def signing_key(self) -> bytes | None:
+        """The key new objects and files are signed with (the first configured)."""
+        return self.signing_keys[0] if self.signing_keys else None
+
     def __repr__(self) -> str:
         # Storage options may hold credentials: name them, never show their values.
         options = ", ".join(self.storage_options)

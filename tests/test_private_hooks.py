@@ -324,3 +324,27 @@ async def test_comm_addresses_and_live_servers(c: Any, s: Scheduler, a: Worker, 
     comm = Bare()
     _compat.set_comm_addresses(comm, peer="storage://p", local="storage://l")
     assert (comm._peer_addr, comm._local_addr) == ("storage://p", "storage://l")  # type: ignore[attr-defined]
+
+
+RECEIVED: list[Any] = []
+
+
+def saw_message_first(key: str) -> bool:
+    return key in RECEIVED
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_send_to_worker_ahead_of_the_task(c: Any, s: Scheduler, a: Worker) -> None:
+    """A message queued from a transition hook reaches the worker before the task."""
+    RECEIVED.clear()
+    a.stream_handlers["probe-op"] = lambda key: RECEIVED.append(key)
+
+    class Sender(SchedulerPlugin):
+        def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+            if finish == "processing":
+                ws = s.tasks[key].processing_on
+                assert ws is not None
+                _compat.send_to_worker(s, ws.address, {"op": "probe-op", "key": key})
+
+    await s.register_scheduler_plugin(Sender(), name="sender", idempotent=False)
+    assert await c.submit(saw_message_first, "t", key="t") is True

@@ -394,3 +394,46 @@ async def test_half_applied_reuse_is_undone(tmp_path: Path) -> None:
         "loaders": {},
     }
     assert len(CALLS) == 7  # everything computed
+
+
+def code_a() -> str:
+    return "a"
+
+
+def code_b() -> str:
+    return "b"
+
+
+@gen_test(timeout=60)
+async def test_two_clusters_different_code_same_key(tmp_path: Path) -> None:
+    """Each cluster gets its own result for a key, whatever the other wrote since."""
+    url = str(tmp_path / "store")
+    store = Store.from_url(url)
+
+    async def token_in_store() -> str | None:
+        try:
+            return (await store.head("k")).token
+        except FileNotFoundError:
+            return None
+
+    try:
+        async with storage_cluster(url) as (c1, s1, p1):
+            assert await c1.compute(delayed(code_a)(dask_key_name="k")) == "a"
+
+            async def cataloged() -> bool:
+                return "k" in await cataloged_keys(store)
+
+            await async_poll_until(cataloged, what="k in the catalog")
+            token_a = await token_in_store()
+            async with storage_cluster(url) as (c2, s2, p2):
+                assert await c2.compute(delayed(code_b)(dask_key_name="k")) == "b"
+            token_b = await token_in_store()
+            assert token_b not in (None, token_a)
+            # Cluster 1's catalog still says "k" is its result: the object says otherwise.
+            assert await c1.compute(delayed(code_a)(dask_key_name="k")) == "a"
+        async with storage_cluster(url) as (c3, s3, p3):
+            assert await c3.compute(delayed(code_a)(dask_key_name="k")) == "a"
+            assert await token_in_store() == token_a
+            assert p3.reuse.reused_total == 1  # the last result written is its own
+    finally:
+        store.close()

@@ -335,3 +335,20 @@ async def test_worker_on_another_store_is_refused(c, s, a, b, tmp_path: Path) ->
     assert a.address in message and "does not see the scheduler's store" in message
     assert b.address not in message
     await async_poll_for(lambda: a.status.name in ("closing", "closed"), timeout=10)
+
+
+@gen_cluster(client=True)
+async def test_lane_read_checks_the_token(c, s, a, b, tmp_path: Path) -> None:
+    """A lane read finds another result under the key (written by another cluster with
+    other code): it is not used; the copy in worker memory is."""
+    url = str(tmp_path / "store")
+    await enable_storage(s, url)
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    await wait(x)
+    other = Store.from_url(url)
+    await other.put("x", 1000, token="someone-else's")
+    other.close()
+    with captured_logger("storage_scheduler", level=logging.WARNING) as log:
+        y = c.submit(inc, x, key="y", workers=[b.address])
+        assert await y == 3
+    assert "produced by other code" in log.getvalue()

@@ -16,7 +16,7 @@ lane count is the number of concurrent store reads per worker.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from distributed.scheduler import TaskState, WorkerState
@@ -41,12 +41,15 @@ class Lanes:
     scheduler: Scheduler
     #: The lanes by address.
     by_address: dict[str, WorkerState]
+    #: The token of each held key's object: what readers must find in it.
+    tokens: dict[Any, str]
     _list: list[WorkerState]
 
     def __init__(self, scheduler: Scheduler, store_id: str, n: int):
         self.scheduler = scheduler
         self._list = [_compat.make_lane(scheduler, a) for a in lane_addresses(store_id, n)]
         self.by_address = {ws.address: ws for ws in self._list}
+        self.tokens = {}
 
     def __contains__(self, address: object) -> bool:
         return address in self.by_address
@@ -59,16 +62,33 @@ class Lanes:
         """The lane that holds ``key`` (a fixed spread of keys over lanes)."""
         return self._list[hash(key) % len(self._list)]
 
-    def add(self, ts: TaskState) -> None:
-        """Record that the store holds ``ts`` (a task in memory)."""
+    def add(self, ts: TaskState, token: str | None) -> None:
+        """Record that the store holds ``ts`` (a task in memory), as an object with
+        ``token`` (None: unknown, readers check only the key)."""
         _compat.add_replica(self.scheduler, ts, self.lane_for(ts.key))
+        self.remember(ts.key, token)
+
+    def remember(self, key: Any, token: str | None) -> None:
+        if token is None:
+            self.tokens.pop(key, None)
+        else:
+            self.tokens[key] = token
 
     def drop(self, ts: TaskState) -> int:
         """Forget that the store holds ``ts``; return how many lane replicas went."""
         held = [ws for ws in ts.who_has or () if ws.address in self.by_address]
         for ws in held:
             _compat.remove_replica(self.scheduler, ts, ws)
+        self.tokens.pop(ts.key, None)
         return len(held)
+
+    def tokens_of(self, tasks: Iterable[TaskState]) -> dict[Any, str]:
+        """The tokens of those ``tasks`` the lanes hold."""
+        return {ts.key: self.tokens[ts.key] for ts in tasks if ts.key in self.tokens}
+
+    async def lookup(self, keys: list[Any]) -> dict[Any, str]:
+        """The tokens of those ``keys`` the lanes hold (for this process's lane reads)."""
+        return {k: self.tokens[k] for k in keys if k in self.tokens}
 
     def holds(self, ts: TaskState) -> bool:
         return any(ws.address in self.by_address for ws in ts.who_has or ())
@@ -91,3 +111,4 @@ class Lanes:
         """Forget everything (``Scheduler.restart`` forgot every task)."""
         for ws in self._list:
             _compat.clear_lane(ws)
+        self.tokens.clear()

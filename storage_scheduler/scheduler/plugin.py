@@ -45,11 +45,12 @@ from storage_scheduler.config import (
 )
 from storage_scheduler.dashboard import add_dashboard_page
 from storage_scheduler.metrics import ensure_collector
+from storage_scheduler.scheduler import status
 from storage_scheduler.scheduler.amm import install_policies, uninstall_policies
 from storage_scheduler.scheduler.lanes import Lanes
 from storage_scheduler.scheduler.retention import Retention
 from storage_scheduler.scheduler.reuse import Reuse, TaskTokens, mark_p2p_steps
-from storage_scheduler.scheduler.status import Counters, History, worker_status
+from storage_scheduler.scheduler.status import Counters, History
 from storage_scheduler.store import Store, probe
 from storage_scheduler.store.catalog import Catalog
 from storage_scheduler.worker.plugin import StorageWorkerPlugin
@@ -152,11 +153,12 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         tokens = TaskTokens(self.settings.worker.version, self.settings.lineage, catalog)
         self.reuse = Reuse(scheduler, self.lanes, catalog, tokens)
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
-        registry.register(self.store_id, store, self.drop_unreadable)
+        registry.register(self.store_id, store, self.drop_unreadable, self.lanes.lookup)
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
         scheduler.handlers["storage_status"] = self.storage_status
+        scheduler.handlers["storage_tokens"] = self.lanes.lookup
         install_policies(scheduler, self.settings)
         self._background = asyncio.create_task(self._maintain())
         self.started = True
@@ -235,7 +237,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
-        for handler in ("storage_info", "storage_set_writing", "storage_status"):
+        for handler in ("storage_info", "storage_set_writing", "storage_status", "storage_tokens"):
             self.scheduler.handlers.pop(handler, None)
         uninstall_policies(self.scheduler)
         self.store.close()
@@ -275,7 +277,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
     ) -> None:
-        if start == "processing":
+        if finish == "processing":
+            self._send_tokens(key)
+        elif start == "processing":
             if finish == "memory":
                 self._finished(key, kwargs.get("metadata") or {}, stimulus_id)
             else:
@@ -286,6 +290,16 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         elif start == "memory" and finish == "released":
             self.retention.released(key)
 
+    def _send_tokens(self, key: Any) -> None:
+        """Tell the worker about to run ``key`` which objects its inputs in the store are
+        (queued ahead of the task itself on the same stream)."""
+        ts = self.scheduler.tasks.get(key)
+        tokens = self.lanes.tokens_of(ts.dependencies) if ts and ts.processing_on else None
+        if tokens and ts and ts.processing_on:
+            _compat.send_to_worker(
+                self.scheduler, ts.processing_on.address, {"op": "storage-tokens", "tokens": tokens}
+            )
+
     def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:
         self.reuse.loader_finished(key, stimulus_id)
         stored: StoredResult | None = metadata.get(METADATA_KEY)
@@ -294,8 +308,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         ts = self.scheduler.tasks.get(key)
         if ts is None or ts.state != "memory":
             return
-        self.lanes.add(ts)
-        if "token" in stored and "nbytes" in stored:
+        self.lanes.add(ts, stored.get("token"))
+        if not stored.get("loaded") and "token" in stored and "nbytes" in stored:
             self.counters.stored += 1
             self.counters.stored_bytes += stored["nbytes"]
             self.catalog.add(key, self.reuse.tokens.recorded(ts, stored["token"]), stored["nbytes"])
@@ -341,29 +355,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
 
     def storage_info(self) -> StorageInfo:
         """What the store holds for this cluster, for clients and ``dask storage``."""
-        return StorageInfo(
-            url=redact_url(self.store_settings.url),
-            store_id=self.store_id,
-            lanes=self.lanes.addresses,
-            keys_in_lanes=self.lanes.nkeys,
-            bytes_in_lanes=self.lanes.nbytes,
-            stored_total=self.counters.stored,
-            unreadable_total=self.counters.unreadable,
-            reused_total=self.reuse.reused_total,
-            deleted_total=self.retention.deleted_total,
-            catalog_keys=len(self.catalog),
-            catalog_bytes=self.catalog.nbytes,
-            stored_bytes_total=self.counters.stored_bytes,
-            writing=self.settings.worker.write,
-            results=self.settings.worker.results,
-            prefer=self.settings.worker.prefer,
-        )
+        return status.storage_info(self)
 
     def storage_status(self) -> StorageStatus:
         """The store and every worker's use of it: ``dask storage status`` and the page."""
-        workers = sorted(self.scheduler.workers.values(), key=lambda w: w.address)
-        return StorageStatus(
-            **self.storage_info(),
-            workers=[worker_status(ws) for ws in workers],
-            history=list(self.history.samples),
-        )
+        return status.storage_status(self)

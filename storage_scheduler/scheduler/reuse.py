@@ -259,6 +259,9 @@ class Reuse:
                 lane = self.lanes.lane_for(key)
                 _compat.put_in_memory(self.scheduler, ts, nbytes, lane)
                 undo.append(partial(_compat.undo_put_in_memory, self.scheduler, ts, lane))
+                # Readers must find the object this task would write now, nothing else.
+                self.lanes.remember(key, self.tokens.own(ts))
+                undo.append(partial(self.lanes.remember, key, None))
             for key in plan.loaders:
                 ts = self.scheduler.tasks[key]
                 self._make_loader(ts)
@@ -275,8 +278,9 @@ class Reuse:
     def _make_loader(self, ts: TaskState) -> None:
         """Give a requested stored key a body that loads it, and no dependencies."""
         spec = ts.run_spec
+        token = self.tokens.own(ts)  # before the spec is swapped: the object's token
         self.loaders[ts.key] = (spec, _compat.detach_dependencies(ts))
-        _compat.set_run_spec(ts, Task(ts.key, load_stored, ts.key))
+        _compat.set_run_spec(ts, Task(ts.key, load_stored, ts.key, token))
 
     def _restore(self, key: Any) -> None:
         spec, deps = self.loaders.pop(key)

@@ -16,14 +16,26 @@ from typing import TYPE_CHECKING, cast
 from storage_scheduler._protocol import (
     HEARTBEAT_KEY,
     Heartbeat,
+    StorageInfo,
+    StorageStatus,
     WorkerStatus,
     empty_heartbeat,
 )
+from storage_scheduler.config import redact_url
 
 if TYPE_CHECKING:
     from distributed.scheduler import WorkerState
 
-__all__ = ["Counters", "History", "heartbeat_of", "worker_status"]
+    from storage_scheduler.scheduler.plugin import StorageSchedulerPlugin
+
+__all__ = [
+    "Counters",
+    "History",
+    "heartbeat_of",
+    "storage_info",
+    "storage_status",
+    "worker_status",
+]
 
 
 @dataclass
@@ -71,3 +83,35 @@ class History:
             return
         read = sum(heartbeat_of(ws)["bytes_read"] for ws in workers)
         self.samples.append((now, stored_bytes, read))
+
+
+def storage_info(plugin: StorageSchedulerPlugin) -> StorageInfo:
+    """What the store holds for a cluster, for clients and ``dask storage``."""
+    settings = plugin.settings.worker
+    return StorageInfo(
+        url=redact_url(plugin.store_settings.url),
+        store_id=plugin.store_id,
+        lanes=plugin.lanes.addresses,
+        keys_in_lanes=plugin.lanes.nkeys,
+        bytes_in_lanes=plugin.lanes.nbytes,
+        stored_total=plugin.counters.stored,
+        unreadable_total=plugin.counters.unreadable,
+        reused_total=plugin.reuse.reused_total,
+        deleted_total=plugin.retention.deleted_total,
+        catalog_keys=len(plugin.catalog),
+        catalog_bytes=plugin.catalog.nbytes,
+        stored_bytes_total=plugin.counters.stored_bytes,
+        writing=settings.write,
+        results=settings.results,
+        prefer=settings.prefer,
+    )
+
+
+def storage_status(plugin: StorageSchedulerPlugin) -> StorageStatus:
+    """:func:`storage_info` with every worker's RAM and store traffic, and the history."""
+    workers = sorted(plugin.scheduler.workers.values(), key=lambda w: w.address)
+    return StorageStatus(
+        **storage_info(plugin),
+        workers=[worker_status(ws) for ws in workers],
+        history=list(plugin.history.samples),
+    )

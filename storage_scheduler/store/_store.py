@@ -69,14 +69,6 @@ class Store:
     cluster, say). Errors are the stdlib ``OSError`` family, or the subclasses of
     :class:`~storage_scheduler.StoreError`; messages name the URL, never the storage
     options (which may hold credentials).
-
-    Examples
-    --------
-    >>> import asyncio
-    >>> store = Store.from_url("memory://doctest-store")
-    >>> asyncio.run(store.put(("x", 0), [1, 2, 3]))  # doctest: +SKIP
-    >>> asyncio.run(store.get(("x", 0)))  # doctest: +SKIP
-    [1, 2, 3]
     """
 
     settings: StoreSettings
@@ -115,12 +107,6 @@ class Store:
     def local(self) -> bool:
         """Whether the store is a directory of this machine's filesystem."""
         return isinstance(self._backend, LocalBackend)
-
-    @property
-    def _signing_key(self) -> bytes | None:
-        """The key new objects and files are signed with (the first configured)."""
-        keys = self.settings.signing_keys
-        return keys[0] if keys else None
 
     @property
     def url(self) -> str:
@@ -189,22 +175,11 @@ class Store:
         (computing a token is CPU work).
         """
         path = self.path(key)
-
-        def encode() -> list[serialize.Buffer]:
-            tok = token() if callable(token) else token
-            return serialize.encode(
-                key,
-                value,
-                token=tok,
-                compression=self.settings.compression,
-                signing_key=self._signing_key,
-            )
-
         counters = self.counters
         counters.writes_in_flight += 1
         start = time.perf_counter()
         try:
-            frames = await self._in_thread(encode)
+            frames = await self._in_thread(_encode, key, value, token, self.settings)
             await self._retrying("write", path, lambda: self._write(path, frames))
         finally:
             counters.writes_in_flight -= 1
@@ -214,30 +189,43 @@ class Store:
         counters.bytes_written += nbytes
         return nbytes
 
-    async def read(self, key: object) -> tuple[serialize.ObjectHeader, memoryview]:
+    async def read(
+        self, key: object, token: str | None = None
+    ) -> tuple[serialize.ObjectHeader, memoryview]:
         """The verified header and payload of ``key``'s object.
+
+        ``token``, when given, is the token of the result the reader wants: an object
+        with another one is another result under the same key.
 
         Raises
         ------
         MissingObjectError
-            If the store holds no object for ``key``.
+            If the store holds no object for ``key``; :class:`StaleObjectError` if it
+            holds one with another token.
         IntegrityError
-            If the object is truncated, corrupted or holds another key.
+            If the object is truncated, corrupted or holds another key;
+            :class:`UntrustedObjectError` if it is not signed with the signing key.
         """
-        return await self._read_verified(key, lambda header, payload: (header, payload))
+        return await self._read_verified(key, token, lambda header, payload: (header, payload))
 
-    async def get(self, key: object) -> Any:
-        """The stored value of ``key`` (unpickles it: only where user data may be loaded)."""
-        return await self._read_verified(key, lambda _, payload: serialize.decode_value(payload))
+    async def get(self, key: object, token: str | None = None) -> Any:
+        """The stored value of ``key`` (unpickles it: only where user data may be loaded);
+        see :meth:`read`."""
+        return await self._read_verified(
+            key, token, lambda _, payload: serialize.decode_value(payload)
+        )
 
-    async def get_serialized(self, key: object) -> Serialized:
+    async def get_serialized(self, key: object, token: str | None = None) -> Serialized:
         """The stored value of ``key`` as ``Serialized`` frames, without unpickling."""
         return await self._read_verified(
-            key, lambda _, payload: serialize.decode_serialized(payload)
+            key, token, lambda _, payload: serialize.decode_serialized(payload)
         )
 
     async def _read_verified(
-        self, key: object, then: Callable[[serialize.ObjectHeader, memoryview], T]
+        self,
+        key: object,
+        token: str | None,
+        then: Callable[[serialize.ObjectHeader, memoryview], T],
     ) -> T:
         path = self.path(key)
         where = self._where(path)
@@ -254,7 +242,9 @@ class Store:
             # Verify and decode in one trip to the thread pool: both are CPU work.
             keys = self.settings.signing_keys
             try:
-                out = await self._in_thread(lambda: then(*serialize.verify(data, key, where, keys)))
+                out = await self._in_thread(
+                    lambda: then(*serialize.verify(data, key, where, keys, token))
+                )
             except UntrustedObjectError:
                 counters.objects_untrusted += 1
                 raise
@@ -324,7 +314,7 @@ class Store:
         """Write (atomically, replacing) the file ``name`` under the store's root; signed
         when a signing key is configured."""
         path = f"{self.root}/{name}"
-        sealed = signing.seal(data, self._signing_key)
+        sealed = signing.seal(data, self.settings.signing_key)
         await self._retrying("write", path, lambda: self._write(path, [sealed]))
 
     async def read_file(self, name: str) -> bytes:
@@ -354,3 +344,16 @@ class Store:
         from storage_scheduler.store.probe import check
 
         await check(self)
+
+
+def _encode(
+    key: object, value: object, token: str | Callable[[], str] | None, settings: StoreSettings
+) -> list[serialize.Buffer]:
+    """The frames of ``value``'s object (in the store's thread pool: tokens are CPU work)."""
+    return serialize.encode(
+        key,
+        value,
+        token=token() if callable(token) else token,
+        compression=settings.compression,
+        signing_key=settings.signing_key,
+    )

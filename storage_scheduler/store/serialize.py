@@ -20,6 +20,7 @@ executor.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import numbers
 import struct
@@ -35,7 +36,7 @@ from distributed.protocol.compression import decompress
 from distributed.protocol.serialize import Serialized, deserialize_bytes, serialize_bytelist
 from distributed.protocol.utils import unpack_frames
 
-from storage_scheduler._exceptions import IntegrityError, UntrustedObjectError
+from storage_scheduler._exceptions import IntegrityError, StaleObjectError, UntrustedObjectError
 from storage_scheduler.store import signing
 
 __all__ = [
@@ -298,6 +299,7 @@ def verify(
     key: object = None,
     where: str = "object",
     signing_keys: Sequence[bytes] = (),
+    token: str | None = None,
 ) -> tuple[ObjectHeader, memoryview]:
     """Check an object's length, checksum and signature; return its header and payload.
 
@@ -311,6 +313,8 @@ def verify(
         Path or URL named in error messages.
     signing_keys
         If given, the object must be signed with one of them.
+    token
+        If given, the token the object must carry (the result a reader wants).
 
     Raises
     ------
@@ -318,6 +322,8 @@ def verify(
         If the object is truncated, corrupted, or holds another key.
     UntrustedObjectError
         If ``signing_keys`` are given and none of them signed the object.
+    StaleObjectError
+        If ``token`` is given and the object carries another.
     """
     buf = memoryview(data).cast("B")
     layout = _layout(buf, where)
@@ -339,6 +345,10 @@ def verify(
     header = _parse_header(buf[start:end], where)
     if key is not None and pack_key(key) != pack_key(header.key):
         raise IntegrityError(f"object {where} holds key {header.key!r}, not {key!r}")
+    if token is not None and header.token != token:
+        raise StaleObjectError(
+            errno.ENOENT, f"the stored result of {header.key!r} was produced by other code", where
+        )
     return header, buf[end:]
 
 

@@ -33,6 +33,9 @@ __all__ = ["StorageWorkerPlugin", "WorkerStoreOverride"]
 
 logger = logging.getLogger(__name__)
 
+#: Tokens a worker keeps before it forgets the oldest half.
+MAX_TOKENS = 100_000
+
 
 @dataclass(frozen=True)
 class WorkerStoreOverride:
@@ -73,6 +76,9 @@ class StorageWorkerPlugin(WorkerPlugin):
     writer: ResultWriter | None
     #: Bytes (in memory) of requested keys loaded from the store instead of computed.
     bytes_loaded: int
+    #: Tokens of the inputs this worker may read from the store (sent by the scheduler
+    #: with the tasks that need them): what each object must carry.
+    tokens: dict[Any, str]
     _original_execute: _compat.Execute | None
     _original_state_class: type | None
 
@@ -94,6 +100,7 @@ class StorageWorkerPlugin(WorkerPlugin):
         self.store = None
         self.writer = None
         self.bytes_loaded = 0
+        self.tokens = {}
         self._original_execute = None
         self._original_state_class = None
 
@@ -118,7 +125,8 @@ class StorageWorkerPlugin(WorkerPlugin):
         self.store = store = Store(settings)
         self.worker = worker
         self.writer = ResultWriter(worker, store, self.settings)
-        registry.register(self.store_id, store, self._report_unreadable)
+        registry.register(self.store_id, store, self._report_unreadable, self._lookup)
+        worker.stream_handlers["storage-tokens"] = self._receive_tokens
         self._original_execute = _compat.wrap_execute(worker, self.writer.wrap)
         state_class = (
             _compat.StoreFirstWorkerState
@@ -144,6 +152,7 @@ class StorageWorkerPlugin(WorkerPlugin):
 
     async def teardown(self, worker: Worker) -> None:
         worker.metrics.pop(HEARTBEAT_KEY, None)
+        worker.stream_handlers.pop("storage-tokens", None)
         if self.writer is not None:
             self.writer.closed = True
         if self._original_execute is not None:
@@ -179,6 +188,21 @@ class StorageWorkerPlugin(WorkerPlugin):
             "the same store (a shared directory or bucket), or its own path to it with "
             "dask worker --preload storage_scheduler --storage-url URL"
         )
+
+    def _receive_tokens(self, tokens: dict[Any, str]) -> None:
+        if len(self.tokens) > MAX_TOKENS:  # those of long-gone tasks: forget the oldest
+            for key in list(self.tokens)[: MAX_TOKENS // 2]:
+                del self.tokens[key]
+        self.tokens.update(tokens)
+
+    async def _lookup(self, keys: list[Any]) -> dict[Any, str]:
+        """Tokens of ``keys``: sent ahead by the scheduler, else asked for (``replicate``
+        and ``rebalance`` fetch without a task on this worker)."""
+        found = {k: self.tokens[k] for k in keys if k in self.tokens}
+        missing = [k for k in keys if k not in found]
+        if missing and self.worker is not None:
+            found.update(await self.worker.scheduler.storage_tokens(keys=missing))
+        return found
 
     def _report_unreadable(self, keys: list[Any]) -> None:
         if self.worker is not None:

@@ -40,14 +40,16 @@ def report_unreadable(worker: Worker, keys: list[Any]) -> None:
     )
 
 
-def load_stored(key: Any) -> Any:
+def load_stored(key: Any, token: str | None = None) -> Any:
     """Task body of a requested key whose result the store already holds.
 
     The scheduler gives a stored key that a client asks for this body instead of its own
     (see :mod:`storage_scheduler.scheduler.reuse`). It runs in a worker thread. If the
     object cannot be read (deleted, damaged, store down), the key is reported unreadable
     and the task rescheduled; the scheduler then restores the original task and its
-    dependencies, and the result is computed instead.
+    dependencies, and the result is computed instead. ``token`` is the token of the result
+    the scheduler decided to reuse: an object with another one (another cluster's result
+    under the same key) is not loaded.
     """
     from storage_scheduler.worker.plugin import StorageWorkerPlugin
 
@@ -56,7 +58,7 @@ def load_stored(key: Any) -> Any:
     if not isinstance(plugin, StorageWorkerPlugin) or plugin.store is None:
         raise Reschedule()
     try:
-        value = sync(worker.loop, plugin.store.get, key)
+        value = sync(worker.loop, plugin.store.get, key, token)
     except (OSError, StoreError) as e:
         logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
         worker.loop.add_callback(report_unreadable, worker, [key])
@@ -68,3 +70,9 @@ def load_stored(key: Any) -> Any:
 def is_loader(spec: Any) -> bool:
     """Whether a task spec is a :func:`load_stored` body."""
     return isinstance(spec, Task) and spec.func is load_stored
+
+
+def loader_token(spec: Any) -> str | None:
+    """The token a :func:`load_stored` body loads."""
+    token = spec.args[1] if len(spec.args) > 1 else None
+    return token if isinstance(token, str) else None

@@ -26,7 +26,7 @@ from storage_scheduler import _compat
 from storage_scheduler._protocol import METADATA_KEY, StoredResult, result_token
 from storage_scheduler.config import WorkerSettings
 from storage_scheduler.store import Store
-from storage_scheduler.worker.reader import is_loader
+from storage_scheduler.worker.reader import is_loader, loader_token
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -120,7 +120,10 @@ class ResultWriter:
         metadata = _compat.finished_metadata(ts)
         if is_loader(ts.run_spec):
             # Read back from the store: already there. Only tell the scheduler.
-            metadata[METADATA_KEY] = StoredResult(loaded=True)
+            loaded = loader_token(ts.run_spec)
+            metadata[METADATA_KEY] = (
+                StoredResult(loaded=True, token=loaded) if loaded else StoredResult(loaded=True)
+            )
             return
         spec, annotations, version = ts.run_spec, ts.annotations, self.settings.version
         detached = self._release_thread_slot(ts, event)
