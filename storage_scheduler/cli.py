@@ -21,13 +21,14 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
 from dask.utils import format_bytes, format_time, key_split, parse_bytes, parse_timedelta
 
 from storage_scheduler._exceptions import IntegrityError, StorageSchedulerError
+from storage_scheduler._protocol import StorageStatus
 from storage_scheduler.config import parse_storage_options
 from storage_scheduler.store import Store
 from storage_scheduler.store.catalog import Catalog, Entry
@@ -51,6 +52,7 @@ def _run(url: str, options: Iterable[str], work: Callable[[Store], Awaitable[T]]
     async def main() -> T:
         store = Store.from_url(url, **parse_storage_options(options))
         try:
+            await _must_exist(store, url)
             return await work(store)
         finally:
             store.close()
@@ -61,10 +63,22 @@ def _run(url: str, options: Iterable[str], work: Callable[[Store], Awaitable[T]]
         raise click.ClickException(str(e)) from e
 
 
-async def _catalog(store: Store) -> Catalog:
+async def _must_exist(store: Store, url: str) -> None:
+    """A mistyped directory or bucket is an error, not an empty store."""
+    root = store.root if store.local else store.root.lstrip("/").split("/", 1)[0]
+    if root and not await asyncio.to_thread(store.fs.exists, root):
+        raise click.ClickException(f"no store at {store.url}: {root!r} does not exist")
+
+
+async def _catalog(store: Store, compact: bool = True) -> Catalog:
     catalog = Catalog(store)
-    await catalog.load()
+    await catalog.load(compact=compact)
     return catalog
+
+
+async def _read_catalog(store: Store) -> Catalog:
+    """The catalog, for commands that only read: never compacted (written) by them."""
+    return await _catalog(store, compact=False)
 
 
 def _age(entry: Entry, now: float) -> str:
@@ -82,7 +96,7 @@ def storage() -> None:
 @click.option("--limit", type=int, default=None, help="Show at most this many keys")
 def ls(url: str, storage_options: tuple[str, ...], limit: int | None) -> None:
     """List the stored keys with their sizes and ages, newest first."""
-    catalog = _run(url, storage_options, _catalog)
+    catalog = _run(url, storage_options, _read_catalog)
     now = time.time()
     rows = sorted(catalog.entries.items(), key=lambda kv: -kv[1].created)
     for key, entry in rows[:limit]:
@@ -104,7 +118,7 @@ AGE_BUCKETS = [
 @click.option("--by", type=click.Choice(["prefix", "age"]), default="prefix", show_default=True)
 def du(url: str, storage_options: tuple[str, ...], by: str) -> None:
     """Keys and bytes in the store, by key prefix (task name) or by age."""
-    catalog = _run(url, storage_options, _catalog)
+    catalog = _run(url, storage_options, _read_catalog)
     now = time.time()
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for key, entry in catalog.entries.items():
@@ -153,11 +167,15 @@ def gc(
     """
     if not (older_than or max_size or everything):
         raise click.UsageError("say what to delete: --older-than, --max-size or --all")
+    if older_than and not older_than.strip()[-1:].isalpha():
+        raise click.BadParameter(f"give a unit: 7d, 12h, 30m (got {older_than!r})")
     try:
         max_age = parse_timedelta(older_than) if older_than else None
         limit = parse_bytes(max_size) if max_size else None
     except (ValueError, KeyError) as e:
         raise click.BadParameter(str(e)) from e
+    if limit is not None and limit <= 0:
+        raise click.BadParameter(f"--max-size must be positive, got {max_size!r}")
 
     async def work(store: Store) -> tuple[int, int, int]:
         catalog = await _catalog(store)
@@ -250,20 +268,26 @@ def rebuild_catalog(url: str, storage_options: tuple[str, ...]) -> None:
 )
 def status(scheduler_address: str, timeout: str) -> None:
     """Task RAM and stored bytes per worker of a running cluster, and the store's totals."""
-    from distributed import Client
+    from distributed.core import rpc
 
-    try:
-        with Client(  # type: ignore[no-untyped-call]
-            scheduler_address, timeout=timeout, set_as_default=False
-        ) as client:
+    async def fetch() -> StorageStatus:
+        async with rpc(  # type: ignore[no-untyped-call]
+            scheduler_address, timeout=parse_timedelta(timeout)
+        ) as scheduler:
             try:
-                st = client.sync(client.scheduler.storage_status)
+                await scheduler.identity()
+            except (OSError, ValueError, TypeError) as e:  # unreachable, or not an address
+                raise click.ClickException(
+                    f"cannot reach the scheduler at {scheduler_address}: {e}"
+                ) from e
+            try:
+                return cast(StorageStatus, await scheduler.storage_status())
             except Exception as e:
                 raise click.ClickException(
                     f"storage_scheduler is not running on {scheduler_address} ({e})"
                 ) from e
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the scheduler at {scheduler_address}: {e}") from e
+
+    st = asyncio.run(fetch())
     b = format_bytes
     click.echo(f"store: {st['url']}  ({'writing' if st['writing'] else 'not writing new results'})")
     click.echo(

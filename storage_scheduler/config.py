@@ -306,10 +306,15 @@ class SchedulerSettings:
         cfg = _settings()
         if lanes is not None:
             _validate(lanes, _SCHEMA["properties"]["lanes"], "storage-scheduler.lanes")
+        flush_interval = _seconds(cfg, "flush-interval", "storage-scheduler")
+        if flush_interval <= 0:  # the maintenance loop would spin
+            raise StorageConfigError(
+                f"storage-scheduler.flush-interval must be positive, got {cfg['flush-interval']!r}"
+            )
         return cls(
             lanes=cfg["lanes"] if lanes is None else lanes,
             gc=cfg["gc"],
-            flush_interval=_seconds(cfg, "flush-interval", "storage-scheduler"),
+            flush_interval=flush_interval,
             lineage=cfg["lineage"],
             memory_relief=cfg["memory-relief"],
             relief_threshold=float(cfg["relief-threshold"]),

@@ -76,3 +76,16 @@ def test_schema_is_complete() -> None:
                 check(v, props[k], f"{path}{k}.")
 
     check(config, schema, "")
+
+
+def test_flush_interval_must_be_positive() -> None:
+    import pytest
+
+    from storage_scheduler import SchedulerSettings, StorageConfigError
+
+    with dask.config.set({"storage-scheduler.flush-interval": "0s"}):
+        with pytest.raises(StorageConfigError, match="flush-interval must be positive"):
+            SchedulerSettings.from_config()
+    with dask.config.set({"storage-scheduler.lineage": "false"}):  # a string is not a bool
+        with pytest.raises(StorageConfigError, match="lineage"):
+            SchedulerSettings.from_config()

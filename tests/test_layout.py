@@ -40,7 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "enable": {"_exceptions", "_protocol", "config", "scheduler"},
     "preload": {"_protocol", "config", "scheduler", "worker"},
-    "cli": {"_exceptions", "config", "store"},
+    "cli": {"_exceptions", "_protocol", "config", "store"},
 }
 
 

@@ -352,3 +352,22 @@ async def test_lane_read_checks_the_token(c, s, a, b, tmp_path: Path) -> None:
         y = c.submit(inc, x, key="y", workers=[b.address])
         assert await y == 3
     assert "produced by other code" in log.getvalue()
+
+
+@gen_cluster(client=True)
+async def test_worker_override_keeps_the_cluster_signing_key(c, s, a, b, tmp_path: Path) -> None:
+    """A worker with its own store URL but no key of its own signs with the cluster's."""
+    from storage_scheduler import StoreSettings
+    from storage_scheduler.worker import WorkerStoreOverride
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "store")
+    own = StoreSettings.from_config(str(tmp_path / "alias"), signing_key=[])
+    a.extensions["storage-scheduler"] = WorkerStoreOverride(own)
+    await enable_storage(s, str(tmp_path / "store"), signing_key="cluster-key")
+    assert a.plugins["storage-scheduler"].store.settings.signing_keys == (b"cluster-key",)
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    assert await c.submit(inc, x, key="y", workers=[b.address]) == 3
+    signed = Store(StoreSettings.from_config(str(tmp_path / "store"), signing_key="cluster-key"))
+    assert await signed.get("x") == 2  # written by a, signed with the cluster's key
+    signed.close()

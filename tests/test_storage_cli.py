@@ -121,3 +121,38 @@ def test_s3_and_errors(s3_store_url: tuple[str, dict[str, Any]]) -> None:
     assert out.returncode != 0 and "nosuchfs://x" in out.stderr
     out = dask_storage("gc", url, *opts, check=False)
     assert out.returncode != 0 and "--older-than" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["gc", "{url}", "--older-than", "7"], "give a unit"),
+        (["gc", "{url}", "--max-size", "-5"], "must be positive"),
+        (["ls", "{url}-mistyped"], "no store at"),
+        (["status", "notanaddress", "--timeout", "2s"], "cannot reach the scheduler"),
+    ],
+    ids=["duration-without-unit", "negative-size", "missing-store", "bad-address"],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    url = str(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    out = dask_storage(*(a.format(url=url) for a in args), check=False)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.asyncio
+async def test_reading_commands_do_not_write(tmp_path: Path) -> None:
+    """ls and du never compact the manifest (they work on a read-only store too)."""
+    url = str(tmp_path / "store")
+    store = Store.from_url(url)
+    catalog = Catalog(store)
+    for i in range(20):  # more segments than a loading scheduler would leave
+        catalog.add(f"k-{i}", "t", 1)
+        await catalog.flush()
+    before = await store.list_files("manifest")
+    assert "20 keys" in dask_storage("ls", url).stdout
+    dask_storage("du", url)
+    assert await store.list_files("manifest") == before
+    store.close()

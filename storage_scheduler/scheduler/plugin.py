@@ -301,7 +301,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
 
     def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:
-        self.reuse.loader_finished(key, stimulus_id)
+        self.reuse.loader_finished(key)
         stored: StoredResult | None = metadata.get(METADATA_KEY)
         if stored is None:
             return
@@ -312,7 +312,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         if not stored.get("loaded") and "token" in stored and "nbytes" in stored:
             self.counters.stored += 1
             self.counters.stored_bytes += stored["nbytes"]
-            self.catalog.add(key, self.reuse.tokens.recorded(ts, stored["token"]), stored["nbytes"])
+            token = self.reuse.tokens.recorded(ts, stored["token"])
+            self.catalog.add(key, token, stored["nbytes"], kept=self.retention.keeps(key))
+            self.retention.stored(key)
 
     def update_graph(
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any

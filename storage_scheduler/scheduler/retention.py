@@ -91,24 +91,35 @@ class Retention:
     # ------------------------------------------------------------------ hooks
 
     def requested(self, keys: Iterable[Any]) -> None:
-        """A client asked for ``keys``: keep their results when they are forgotten."""
+        """A client asked for ``keys``: keep their results, in this run and later ones."""
         for key in keys:
-            self.wanted.add(key)
+            wanted = [key]
             ts = self.scheduler.tasks.get(key)
             if ts is not None and _compat.is_finalize_key(key):
                 # Client.compute's wrapper: what it wraps is the result the user wants.
-                self.wanted.update(dts.key for dts in ts.dependencies)
+                wanted.extend(dts.key for dts in ts.dependencies)
+            for k in wanted:
+                self.wanted.add(k)
+                self.catalog.keep(k)  # stored already (reused): recorded in the manifest
+
+    def keeps(self, key: Any) -> bool:
+        """Whether ``key``'s result is to be kept when it is stored."""
+        ts = self.scheduler.tasks.get(key)
+        annotated = ts is not None and bool((ts.annotations or {}).get("storage_keep"))
+        return key in self.wanted or annotated
 
     def released(self, key: Any) -> None:
         """Nothing needs ``key`` any more: stock Dask frees it from RAM, and from the
         store too if it is an intermediate."""
-        if key in self.wanted or self.settings.gc != "intermediates" or key not in self.catalog:
-            return
-        ts = self.scheduler.tasks.get(key)
-        if ts is not None and (ts.annotations or {}).get("storage_keep"):
+        entry = self.catalog.get(key)
+        if entry is None or entry.kept or self.settings.gc != "intermediates" or self.keeps(key):
             return
         self.catalog.discard(key)
         self.doomed.add(key)
+
+    def stored(self, key: Any) -> None:
+        """``key`` was stored again: a deletion still pending would remove the new object."""
+        self.doomed.discard(key)
 
     def forgotten(self, key: Any) -> None:
         self.released(key)

@@ -18,7 +18,6 @@ rewrite would otherwise fail silently):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -298,18 +297,8 @@ class Reuse:
     def forgotten(self, key: Any) -> None:
         self.loaders.pop(key, None)
 
-    def loader_finished(self, key: Any, stimulus_id: str) -> None:
-        """The result is loaded: the original dependencies, kept in case loading failed,
-        can go now (once the current transitions are over)."""
-        entry = self.loaders.pop(key, None)
-        if entry is not None:
-            asyncio.get_running_loop().call_soon(self._forget_orphans, entry[1], stimulus_id)
-
-    def _forget_orphans(self, deps: list[TaskState], stimulus_id: str) -> None:
-        recommendations = {
-            dts.key: "forgotten"
-            for dts in deps
-            if dts.state == "released" and not dts.dependents and not dts.who_wants
-        }
-        if recommendations:
-            self.scheduler.transitions(recommendations, stimulus_id)  # type: ignore[arg-type]
+    def loader_finished(self, key: Any) -> None:
+        """The result is loaded: the key becomes its original task again, in memory, like
+        a stored key reused unloaded. If its object is lost later, it is computed."""
+        if key in self.loaders:
+            self._restore(key)

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -42,17 +42,19 @@ MANIFEST = "manifest"
 COMPACT_AFTER = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """What the catalog knows of one stored key."""
 
-    __slots__ = ("created", "nbytes", "token")
     #: Token of the task that produced the result (see :mod:`storage_scheduler.tokens`).
     token: str | None
     #: Size of the stored object in bytes.
     nbytes: int
     #: When it was stored (seconds since the epoch).
     created: float
+    #: A client asked for it (or it is annotated ``storage_keep``): no cluster's lifecycle
+    #: policy deletes it; only ``dask storage gc`` does.
+    kept: bool = False
 
 
 def _encode_segment(added: dict[Any, Entry], deleted: list[Any]) -> bytes:
@@ -64,6 +66,7 @@ def _encode_segment(added: dict[Any, Entry], deleted: list[Any]) -> bytes:
             "tokens": [e.token for e in added.values()],
             "nbytes": [e.nbytes for e in added.values()],
             "created": [e.created for e in added.values()],
+            "kept": [e.kept for e in added.values()],
             "deleted": [key_to_msgpack(k) for k in deleted],
         },
         use_bin_type=True,
@@ -72,10 +75,11 @@ def _encode_segment(added: dict[Any, Entry], deleted: list[Any]) -> bytes:
 
 def _decode_segment(data: bytes) -> tuple[Iterator[tuple[Any, Entry]], Any]:
     seg = msgpack.unpackb(data, raw=False, use_list=False, ext_hook=msgpack_ext_hook)
+    kept = seg.get("kept") or (False,) * len(seg["keys"])  # segments from before "kept"
     added = (
-        (k, Entry(t, n, c))
-        for k, t, n, c in zip(
-            seg["keys"], seg["tokens"], seg["nbytes"], seg["created"], strict=True
+        (k, Entry(t, n, c, bool(kp)))
+        for k, t, n, c, kp in zip(
+            seg["keys"], seg["tokens"], seg["nbytes"], seg["created"], kept, strict=True
         )
     )
     return added, seg["deleted"]
@@ -131,12 +135,18 @@ class Catalog:
     def get(self, key: Any) -> Entry | None:
         return self.entries.get(key)
 
-    def add(self, key: Any, token: str | None, nbytes: int) -> None:
-        entry = Entry(token, nbytes, time.time())
+    def add(self, key: Any, token: str | None, nbytes: int, kept: bool = False) -> None:
         old = self.entries.get(key)
+        entry = Entry(token, nbytes, time.time(), kept or (old is not None and old.kept))
         self.nbytes += nbytes - (old.nbytes if old is not None else 0)
         self.entries[key] = entry
         self._pending[key] = entry
+
+    def keep(self, key: Any) -> None:
+        """Mark a stored key as asked for: kept by every cluster's lifecycle policy."""
+        old = self.entries.get(key)
+        if old is not None and not old.kept:
+            self.entries[key] = self._pending[key] = replace(old, kept=True)
 
     def discard(self, key: Any) -> None:
         old = self.entries.pop(key, None)
@@ -175,8 +185,9 @@ class Catalog:
         self._seen_segments.append(name)
         return len(pending)
 
-    async def load(self) -> None:
-        """Replay the manifest into memory; compact it when it has many segments."""
+    async def load(self, compact: bool = True) -> None:
+        """Replay the manifest into memory; compact it when it has many segments (unless
+        ``compact`` is false: a reader that must not write)."""
         listed = await self.store.list_files(MANIFEST)
         read = await asyncio.gather(*map(self._read_segment, listed))
         names = [n for n, blob in zip(listed, read, strict=True) if blob is not None]
@@ -193,7 +204,7 @@ class Catalog:
             len(entries),
             len(names),
         )
-        if len(names) > COMPACT_AFTER:
+        if compact and len(names) > COMPACT_AFTER:
             await self.compact()
 
     async def _read_segment(self, name: str) -> bytes | None:

@@ -9,8 +9,9 @@ registers the store for the ``storage://`` comm, and adds its figures to heartbe
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from dask.sizeof import sizeof
@@ -120,8 +121,11 @@ class StorageWorkerPlugin(WorkerPlugin):
         # Install everything before the first await: a worker joining a cluster is already
         # running (it may receive tasks) while its plugins are set up.
         override = worker.extensions.get(PLUGIN_NAME)
-        settings = override.settings if isinstance(override, WorkerStoreOverride) else None
-        settings = settings or self.store_settings
+        settings = self.store_settings
+        if isinstance(override, WorkerStoreOverride):
+            # Its own path and credentials; the cluster's signing keys unless it has some.
+            keys = override.settings.signing_keys or settings.signing_keys
+            settings = replace(override.settings, signing_keys=keys)
         self.store = store = Store(settings)
         self.worker = worker
         self.writer = ResultWriter(worker, store, self.settings)
@@ -178,9 +182,13 @@ class StorageWorkerPlugin(WorkerPlugin):
             return
         what = "nothing" if seen is None else "another cluster's probe"
         # Nothing this worker computes could be shared: take it out of the cluster (with
-        # its nanny, which would otherwise start it again on the same store).
-        worker.loop.add_callback(
-            worker.close, nanny=True, reason="storage-scheduler: not the scheduler's store"
+        # its nanny, which would otherwise start it again on the same store), once the
+        # scheduler has had this error as the answer to its plugin-add.
+        asyncio.get_running_loop().call_later(
+            1.0,
+            lambda: asyncio.ensure_future(
+                worker.close(nanny=True, reason="storage-scheduler: not the scheduler's store")
+            ),
         )
         raise StoreUnavailableError(
             f"worker {worker.address} does not see the scheduler's store: it opened "
