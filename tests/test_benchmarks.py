@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,9 @@ def test_persist_larger_than_memory(tmp_path: Path) -> None:
     )
     assert [r["mode"] for r in rows] == ["stock", "storage"]
     assert all(r["completed"] for r in rows)
-    assert rows[0]["sum"] == rows[1]["sum"]
+    # Equal up to rounding: numpy's pairwise sums depend on buffer alignment, and a result
+    # read back from the store is a different buffer from the one computed.
+    assert math.isclose(rows[0]["sum"], rows[1]["sum"], rel_tol=1e-12)
 
 
 def test_rechunk(tmp_path: Path) -> None:
