@@ -294,8 +294,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         """Tell the worker about to run ``key`` which objects its inputs in the store are
         (queued ahead of the task itself on the same stream)."""
         ts = self.scheduler.tasks.get(key)
-        tokens = self.lanes.tokens_of(ts.dependencies) if ts and ts.processing_on else None
-        if tokens and ts and ts.processing_on:
+        if ts is None or ts.processing_on is None:
+            return
+        tokens = self.lanes.tokens_of(ts.dependencies)
+        if tokens:
             _compat.send_to_worker(
                 self.scheduler, ts.processing_on.address, {"op": "storage-tokens", "tokens": tokens}
             )

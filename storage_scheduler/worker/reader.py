@@ -19,8 +19,6 @@ from distributed import Reschedule
 from distributed.utils import sync
 from distributed.worker import get_worker
 
-from storage_scheduler._exceptions import StoreError
-
 if TYPE_CHECKING:
     from distributed import Worker
 
@@ -59,7 +57,7 @@ def load_stored(key: Any, token: str | None = None) -> Any:
         raise Reschedule()
     try:
         value = sync(worker.loop, plugin.store.get, key, token)
-    except (OSError, StoreError) as e:
+    except OSError as e:  # StoreError is one too
         logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
         worker.loop.add_callback(report_unreadable, worker, [key])
         raise Reschedule() from e
