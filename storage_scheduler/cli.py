@@ -32,6 +32,14 @@ from storage_scheduler._protocol import StorageStatus
 from storage_scheduler.config import parse_storage_options
 from storage_scheduler.store import Store
 from storage_scheduler.store.catalog import Catalog, Entry
+from storage_scheduler.store.inventory import (
+    PARTIAL_WRITE_AGE,
+    Inventory,
+    StoredObject,
+    sweep_partial_writes,
+    take_inventory,
+    verify_object,
+)
 from storage_scheduler.store.leases import keys_leased_by_others
 
 __all__ = ["storage"]
@@ -98,10 +106,13 @@ def ls(url: str, storage_options: tuple[str, ...], limit: int | None) -> None:
     """List the stored keys with their sizes and ages, newest first."""
     catalog = _run(url, storage_options, _read_catalog)
     now = time.time()
-    rows = sorted(catalog.entries.items(), key=lambda kv: -kv[1].created)
+    rows = sorted(catalog.items(), key=lambda kv: -kv[1].created)
     for key, entry in rows[:limit]:
         click.echo(f"{format_bytes(entry.nbytes):>10}  {_age(entry, now):>10}  {key!r}")
-    click.echo(f"{len(rows)} keys, {format_bytes(sum(e.nbytes for _, e in rows))}")
+    click.echo(
+        f"{len(rows)} stored results of {len(catalog.entries)} keys, "
+        f"{format_bytes(sum(e.nbytes for _, e in rows))}"
+    )
 
 
 AGE_BUCKETS = [
@@ -121,7 +132,7 @@ def du(url: str, storage_options: tuple[str, ...], by: str) -> None:
     catalog = _run(url, storage_options, _read_catalog)
     now = time.time()
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for key, entry in catalog.entries.items():
+    for key, entry in catalog.items():
         if by == "prefix":
             group = str(key_split(key))
         else:
@@ -177,39 +188,47 @@ def gc(
     if limit is not None and limit <= 0:
         raise click.BadParameter(f"--max-size must be positive, got {max_size!r}")
 
-    async def work(store: Store) -> tuple[int, int, int]:
+    async def work(store: Store) -> tuple[int, int, int, int]:
         catalog = await _catalog(store)
         now = time.time()
-        oldest_first = sorted(catalog.entries.items(), key=lambda kv: kv[1].created)
-        doomed: dict[Any, int] = {}
+        oldest_first = sorted(catalog.items(), key=lambda kv: kv[1].created)
+        doomed: dict[tuple[Any, str | None], int] = {}
         if everything:
-            doomed = {k: e.nbytes for k, e in oldest_first}
+            doomed = {(k, e.token): e.nbytes for k, e in oldest_first}
         if max_age is not None:
-            doomed.update({k: e.nbytes for k, e in oldest_first if now - e.created > max_age})
+            doomed.update(
+                {(k, e.token): e.nbytes for k, e in oldest_first if now - e.created > max_age}
+            )
         if limit is not None:
             remaining = catalog.nbytes - sum(doomed.values())
             for key, entry in oldest_first:
                 if remaining <= limit:
                     break
-                if key not in doomed:
-                    doomed[key] = entry.nbytes
+                if (key, entry.token) not in doomed:
+                    doomed[key, entry.token] = entry.nbytes
                     remaining -= entry.nbytes
         protected = await keys_leased_by_others(store, own_lease=None)
-        kept = [k for k in doomed if k in protected]
-        for key in kept:
-            del doomed[key]
+        kept = [kt for kt in doomed if kt[0] in protected]
+        for kt in kept:
+            del doomed[kt]
+        swept = 0
         if not dry_run:
-            await store.delete(list(doomed))
-            for key in doomed:
-                catalog.discard(key)
+            await store.delete_versions(list(doomed))
+            for key, token in doomed:
+                catalog.discard(key, token)
             await catalog.flush()
-        return len(doomed), sum(doomed.values()), len(kept)
+            # Left by writers that died; with --all and no live cluster, whatever their age.
+            age = 0.0 if everything and not protected else PARTIAL_WRITE_AGE
+            swept = await sweep_partial_writes(store, older_than=age)
+        return len(doomed), sum(doomed.values()), len(kept), swept
 
-    n, nbytes, kept = _run(url, storage_options, work)
+    n, nbytes, kept, swept = _run(url, storage_options, work)
     verb = "Would delete" if dry_run else "Deleted"
     click.echo(f"{verb} {n} stored results, {format_bytes(nbytes)}")
     if kept:
         click.echo(f"Kept {kept} results that a running cluster holds")
+    if swept:
+        click.echo(f"Removed {swept} partial writes of writers that died")
 
 
 @storage.command("verify")
@@ -217,34 +236,46 @@ def gc(
 @storage_option
 @click.option("--delete", is_flag=True, help="Delete the objects that fail, so they are recomputed")
 def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
-    """Read every stored object and check its checksum."""
+    """Read every stored object and check it (checksum, signature, key and token).
 
-    async def work(store: Store) -> tuple[int, list[tuple[Any, str]]]:
-        listing = await store.list()
+    Files that are not objects of this store are reported and left alone; partial writes
+    are counted (``gc`` removes them). Exits with status 1 if anything was found wrong.
+    """
+
+    async def work(store: Store) -> tuple[Inventory, list[tuple[StoredObject, str]]]:
+        inventory = await take_inventory(store)
         sem = asyncio.Semaphore(store.settings.max_concurrency)
-        bad: list[tuple[Any, str]] = []
+        bad: list[tuple[StoredObject, str]] = []
 
-        async def check(key: Any) -> None:
+        async def check(obj: StoredObject) -> None:
             async with sem:
                 try:
-                    await store.read(key)
-                except IntegrityError as e:
-                    bad.append((key, str(e)))
+                    await verify_object(store, obj)
+                except (IntegrityError, FileNotFoundError) as e:
+                    bad.append((obj, str(e)))
 
-        await asyncio.gather(*map(check, listing))
+        await asyncio.gather(*map(check, inventory.objects))
         if delete and bad:
             catalog = await _catalog(store)
-            await store.delete([k for k, _ in bad])
-            for key, _ in bad:
-                catalog.discard(key)
+            await store.delete_paths([obj.path for obj, _ in bad])
+            for obj, _ in bad:
+                for entry in catalog.versions(obj.key):
+                    if store.path(obj.key, entry.token) == obj.path:
+                        catalog.discard(obj.key, entry.token)
             await catalog.flush()
-        return len(listing), bad
+        return inventory, bad
 
-    n, bad = _run(url, storage_options, work)
-    for key, reason in bad:
-        click.echo(f"BAD {key!r}: {reason}")
-    click.echo(f"{n} objects checked, {len(bad)} bad" + (" (deleted)" if delete and bad else ""))
-    if bad and not delete:
+    inventory, bad = _run(url, storage_options, work)
+    for obj, reason in bad:
+        click.echo(f"BAD {obj.key!r}: {reason}")
+    for path, reason in inventory.problems:
+        click.echo(f"NOT AN OBJECT {path}: {reason}")
+    click.echo(
+        f"{len(inventory.objects)} objects checked, {len(bad)} bad"
+        + (" (deleted)" if delete and bad else "")
+        + f", {len(inventory.problems)} other files, {len(inventory.partial)} partial writes"
+    )
+    if (bad and not delete) or inventory.problems:
         sys.exit(1)
 
 
@@ -252,13 +283,21 @@ def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
 @click.argument("url")
 @storage_option
 def rebuild_catalog(url: str, storage_options: tuple[str, ...]) -> None:
-    """Recreate the catalog by listing the store (when the manifest is lost or damaged)."""
+    """Recreate the catalog by listing the store (when the manifest is lost or damaged).
 
-    async def work(store: Store) -> int:
-        return await Catalog(store).rebuild()
+    Files that cannot be catalogued are reported and left out; exits with status 1 then.
+    """
 
-    n = _run(url, storage_options, work)
-    click.echo(f"Catalog rebuilt: {n} stored results")
+    async def work(store: Store) -> tuple[Catalog, list[tuple[str, str]]]:
+        catalog = Catalog(store)
+        return catalog, await catalog.rebuild()
+
+    catalog, problems = _run(url, storage_options, work)
+    for path, reason in problems:
+        click.echo(f"LEFT OUT {path}: {reason}")
+    click.echo(f"Catalog rebuilt: {len(catalog)} stored results")
+    if problems:
+        sys.exit(1)
 
 
 @storage.command("status")

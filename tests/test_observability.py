@@ -75,8 +75,8 @@ async def test_metrics_move_with_a_computation(tmp_path: Path) -> None:
                 if not n.startswith("worker_")
             }
             assert values(sched, "results_stored_total")[()] == 7
-            sizes = await store.sizes(keys)
-            assert values(sched, "catalog_bytes")[()] == sum(sizes.values())
+            sizes = await store.list()
+            assert values(sched, "catalog_bytes")[()] == sum(sizes[k] for k in keys)
 
             worker = next(iter(s.workers))
             workers = await c.run(lambda dask_worker: dask_worker.http_server.port)

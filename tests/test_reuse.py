@@ -16,7 +16,15 @@ from distributed import wait
 from distributed.utils_test import async_poll_for, gen_test
 
 from storage_scheduler import Store
-from tests.utils import async_poll_until, cataloged_keys, leased_keys, storage_cluster
+from storage_scheduler.store.catalog import Catalog
+from tests.utils import (
+    async_poll_until,
+    cataloged_keys,
+    leased_keys,
+    storage_cluster,
+    stored_headers,
+    stored_token,
+)
 
 CALLS: list[Any] = []
 
@@ -166,10 +174,11 @@ async def test_lost_or_damaged_result_is_recomputed(tmp_path: Path, damage: str)
     async with storage_cluster(url) as (c, s, plugin):
         assert await c.compute(graph(5)) == sum(range(2, 7))
     store = Store.from_url(url)
+    (header,) = await stored_headers(store, "total")
     if damage == "delete":
-        await store.delete(["total"])
+        await store.delete_versions([("total", header.token)])
     else:
-        path = Path(store.path("total"))
+        path = Path(store.path("total", header.token))
         data = bytearray(path.read_bytes())
         data[-3] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -177,7 +186,7 @@ async def test_lost_or_damaged_result_is_recomputed(tmp_path: Path, damage: str)
     async with storage_cluster(url) as (c, s, plugin):
         assert await asyncio.wait_for(c.compute(graph(5)), 30) == sum(range(2, 7))
     assert CALLS.count("total") == 1 and len(CALLS) == 11  # recomputed, once
-    assert await store.get("total") == sum(range(2, 7))  # and stored again
+    assert await store.get("total", header.token) == sum(range(2, 7))  # and stored again
     store.close()
 
 
@@ -194,7 +203,8 @@ async def test_damaged_intermediate_is_recomputed(tmp_path: Path) -> None:
         )
         await wait(mids)
     store = Store.from_url(url)
-    await store.delete(["mid-2"])
+    (header,) = await stored_headers(store, "mid-2")
+    await store.delete_versions([("mid-2", header.token)])
     CALLS.clear()
     async with storage_cluster(url) as (c, s, plugin):
         assert await asyncio.wait_for(c.compute(graph(5)), 30) == sum(range(2, 7))
@@ -256,7 +266,7 @@ async def test_two_clusters_sharing_a_store(tmp_path: Path) -> None:
             assert p2.reuse.reused_total == 1
             # "shared" was asked for in cluster 1, so the catalog keeps it anyway; delete it
             # as cluster 2's policy would an intermediate: cluster 1's lease must stop it.
-            p2.retention.doomed.add("shared")
+            p2.retention.doomed.add(("shared", await stored_token(store, "shared")))
             await p2.retention.maintain()
             assert not p2.retention.doomed and p2.retention.deleted_total == 0
         assert "shared" in await listing(url)
@@ -403,37 +413,33 @@ def code_b() -> str:
     return "b"
 
 
-@gen_test(timeout=60)
+@gen_test(timeout=90)
 async def test_two_clusters_different_code_same_key(tmp_path: Path) -> None:
-    """Each cluster gets its own result for a key, whatever the other wrote since."""
+    """Each cluster gets its own result for a key, before and after the other writes;
+    both results stay in the store, and a third cluster with either code reuses its own."""
     url = str(tmp_path / "store")
     store = Store.from_url(url)
+    a, b = delayed(code_a)(dask_key_name="k"), delayed(code_b)(dask_key_name="k")
 
-    async def token_in_store() -> str | None:
-        try:
-            return (await store.head("k")).token
-        except FileNotFoundError:
-            return None
+    async def versions() -> set[str]:
+        return {h.token for h in await stored_headers(store, "k")}
 
     try:
         async with storage_cluster(url) as (c1, s1, p1):
-            assert await c1.compute(delayed(code_a)(dask_key_name="k")) == "a"
-
-            async def cataloged() -> bool:
-                return "k" in await cataloged_keys(store)
-
-            await async_poll_until(cataloged, what="k in the catalog")
-            token_a = await token_in_store()
+            assert await c1.compute(a) == "a"
             async with storage_cluster(url) as (c2, s2, p2):
-                assert await c2.compute(delayed(code_b)(dask_key_name="k")) == "b"
-            token_b = await token_in_store()
-            assert token_b not in (None, token_a)
-            # Cluster 1's catalog still says "k" is its result: the object says otherwise.
-            assert await c1.compute(delayed(code_a)(dask_key_name="k")) == "a"
-        async with storage_cluster(url) as (c3, s3, p3):
-            assert await c3.compute(delayed(code_a)(dask_key_name="k")) == "a"
-            assert await token_in_store() == token_a
-            assert p3.reuse.reused_total == 1  # the last result written is its own
+                assert await c2.compute(b) == "b"
+                assert len(await versions()) == 2  # two objects: nothing overwritten
+                # Each reads its own, after the other wrote.
+                assert await c1.compute(a) == "a" and await c2.compute(b) == "b"
+        for code, value in [(a, "a"), (b, "b"), (a, "a")]:
+            async with storage_cluster(url) as (c3, s3, p3):
+                assert await c3.compute(code) == value
+                assert p3.reuse.reused_total == 1  # reused, not computed
+        assert len(await versions()) == 2
+        catalog = Catalog(store)
+        await catalog.load()
+        assert {e.token for e in catalog.versions("k")} == await versions()
     finally:
         store.close()
 
@@ -455,7 +461,7 @@ async def test_loaded_result_whose_object_is_lost_is_computed(tmp_path: Path) ->
         holders = [ws.address for ws in s.tasks["total"].who_has if ws.address in s.workers]
         await c.retire_workers(holders)
         store = Store.from_url(url)
-        await store.delete(["total"])
+        await store.delete_versions([("total", plugin.lanes.tokens["total"])])
         store.close()
         after = c.submit(inc, total, key="after")
         assert await asyncio.wait_for(after, 30) == sum(range(2, 5)) + 1
@@ -470,7 +476,8 @@ async def test_storing_again_cancels_a_pending_deletion(tmp_path: Path) -> None:
         async with storage_cluster(url) as (c, s, plugin):
             x = delayed(inc)(1, dask_key_name="x")
             assert await c.compute(delayed(inc)(x, dask_key_name="y")) == 3
-            assert "x" in plugin.retention.doomed  # an intermediate nobody needs any more
+            token = plugin.lanes.tokens["x"]
+            assert ("x", token) in plugin.retention.doomed  # an intermediate nobody needs
             assert await c.compute(x) == 2  # asked for now: computed and stored again
             await plugin.retention.maintain()
             assert "x" in plugin.catalog

@@ -47,7 +47,7 @@ def token(ts: Any) -> str:
 
 def catalog_of(tasks: Mapping[Any, FakeTask], *keys: Any, tokens: Mapping[Any, str] = {}) -> Any:
     entries = {k: Entry(tokens.get(k, token(tasks[k])), 100 + i, 0.0) for i, k in enumerate(keys)}
-    return entries.get
+    return lambda key: (entries[key],) if key in entries else ()
 
 
 def test_nothing_stored() -> None:
@@ -86,6 +86,14 @@ def test_token_mismatch_is_stale_and_walked_through() -> None:
     assert plan.stale == ["c"]
     # Below the stale key the walk goes on: a is still reused.
     assert plan.in_memory == {"a": 101}
+
+
+def test_the_version_with_the_wanted_token_is_chosen() -> None:
+    tasks = chain()
+    mine = Entry(token(tasks["c"]), 7, 0.0)
+    versions = {"c": (Entry("other-code", 5, 0.0), mine)}
+    plan = plan_reuse(["d"], tasks, lambda k: versions.get(k, ()), token)
+    assert plan.in_memory == {"c": 7} and plan.tokens == {"c": mine.token}
 
 
 def test_changed_code_does_not_match() -> None:

@@ -19,7 +19,7 @@ from distributed.utils_test import async_poll_for, captured_logger, gen_cluster,
 from storage_scheduler import Store, StoreUnavailableError
 from storage_scheduler._protocol import is_lane
 from storage_scheduler.scheduler.amm import LaneAwareReduceReplicas
-from tests.utils import enable_storage, lane_keys
+from tests.utils import enable_storage, lane_keys, stored_token, stored_value
 
 CALLS: list[Any] = []
 
@@ -42,8 +42,8 @@ async def test_results_stored_with_lane_replica(c, s, a, b, tmp_path: Path) -> N
     who_has = await c.who_has()
     assert lane_keys(who_has) == {"x", "y"}
     store = Store.from_url(str(tmp_path / "store"))
-    assert await store.exists(["x", "y"]) == {"x", "y"}
-    assert await store.get("y") == 3
+    assert set(await store.list()) == {"x", "y"}
+    assert await stored_value(store, "y") == 3
     store.close()
     assert plugin.storage_info()["keys_in_lanes"] == 2
     assert s.plugins["storage-scheduler"] is plugin
@@ -168,13 +168,13 @@ async def test_deleted_object_is_recomputed(c, s, a, b, tmp_path: Path) -> None:
     await wait(x)
     await a.close()  # the lane is the only holder
     store = Store.from_url(str(tmp_path / "store"))
-    await store.delete(["x"])
+    await store.delete_versions([("x", await stored_token(store, "x"))])
     with captured_logger("storage_scheduler", level=logging.WARNING) as log:
         y = c.submit(inc, x, key="y", workers=[b.address])
         assert await asyncio.wait_for(y, 30) == 3
     assert CALLS == [1, 1]  # recomputed once, not looped
     assert "(missing)" in log.getvalue()
-    assert await store.get("x") == 2  # and stored again
+    assert await stored_value(store, "x") == 2  # and stored again
     store.close()
 
 
@@ -185,14 +185,14 @@ async def test_corrupt_object_is_recomputed(c, s, a, b, tmp_path: Path) -> None:
     await wait(x)
     await a.close()
     store = Store.from_url(str(tmp_path / "store"))
-    path = store.path("x")
+    path = store.path("x", await stored_token(store, "x"))
     data = bytearray(Path(path).read_bytes())
     data[-8] ^= 0xFF
     Path(path).write_bytes(bytes(data))
     y = c.submit(np.sum, x, key="y", workers=[b.address])
     assert await asyncio.wait_for(y, 30) == sum(range(1000))
     assert plugin.counters.unreadable == 1
-    np.testing.assert_array_equal(await store.get("x"), np.arange(1000))
+    np.testing.assert_array_equal(await stored_value(store, "x"), np.arange(1000))
     store.close()
 
 
@@ -204,7 +204,7 @@ async def test_annotations_select_results(c, s, a, b, tmp_path: Path) -> None:
     kept = dask.delayed(inc)(skipped, dask_key_name="kept")
     assert await c.compute(kept) == 3
     store = Store.from_url(str(tmp_path / "store"))
-    assert await store.exists(["skipped", "kept"]) == {"kept"}
+    assert set(await store.list()) == {"kept"}
     store.close()
 
 
@@ -216,7 +216,7 @@ async def test_only_annotated_results(c, s, a, b, tmp_path: Path) -> None:
         chosen = dask.delayed(inc)(plain, dask_key_name="chosen")
     assert await c.compute(chosen) == 3
     store = Store.from_url(str(tmp_path / "store"))
-    assert await store.exists(["plain", "chosen"]) == {"chosen"}
+    assert set(await store.list()) == {"chosen"}
     assert lane_keys(await c.who_has()) == set()  # chosen was released after compute
     store.close()
 
@@ -342,11 +342,14 @@ async def test_lane_read_checks_the_token(c, s, a, b, tmp_path: Path) -> None:
     """A lane read finds another result under the key (written by another cluster with
     other code): it is not used; the copy in worker memory is."""
     url = str(tmp_path / "store")
-    await enable_storage(s, url)
+    plugin = await enable_storage(s, url)
     x = c.submit(inc, 1, key="x", workers=[a.address])
     await wait(x)
+    # Another result, copied over the object of x's token (names are not a lock).
     other = Store.from_url(url)
     await other.put("x", 1000, token="someone-else's")
+    forged = await other.read_path(other.path("x", "someone-else's"))
+    await other._backend.write(other.path("x", plugin.lanes.tokens["x"]), [forged])
     other.close()
     with captured_logger("storage_scheduler", level=logging.WARNING) as log:
         y = c.submit(inc, x, key="y", workers=[b.address])
@@ -369,5 +372,5 @@ async def test_worker_override_keeps_the_cluster_signing_key(c, s, a, b, tmp_pat
     x = c.submit(inc, 1, key="x", workers=[a.address])
     assert await c.submit(inc, x, key="y", workers=[b.address]) == 3
     signed = Store(StoreSettings.from_config(str(tmp_path / "store"), signing_key="cluster-key"))
-    assert await signed.get("x") == 2  # written by a, signed with the cluster's key
+    assert await stored_value(signed, "x") == 2  # written by a, signed with the cluster's key
     signed.close()

@@ -15,7 +15,7 @@ from distributed.utils_test import captured_logger, gen_test
 from storage_scheduler import Store, StoreSettings, UntrustedObjectError
 from storage_scheduler.store.catalog import Catalog
 from storage_scheduler.store.leases import keys_leased_by_others, write_lease
-from tests.utils import storage_cluster
+from tests.utils import storage_cluster, stored_headers
 
 KEY = "test-signing-key-never-shown"
 CALLS: list[Any] = []
@@ -48,15 +48,15 @@ async def test_forged_object_is_never_unpickled(tmp_path: Path, forger_key: str 
     signed, forger = store(url, KEY), store(url, forger_key)
     try:
         await signed.put("x", 42, token="t")
-        assert await signed.get("x") == 42
+        assert await signed.get("x", "t") == 42
         await forger.put("x", Payload(marker), token="t")  # a valid checksum, no valid MAC
         with pytest.raises(UntrustedObjectError):
-            await signed.get("x")
+            await signed.get("x", "t")
         with pytest.raises(UntrustedObjectError):
-            await signed.get_serialized("x")
+            await signed.get_serialized("x", "t")
         assert not marker.exists()
         # Without a key configured, a reader trusts checksums only, as before.
-        assert (await forger.read("x"))[0].token == "t"
+        assert (await forger.read("x", "t"))[0].token == "t"
     finally:
         signed.close()
         forger.close()
@@ -118,7 +118,7 @@ async def test_cluster_recomputes_forged_results_and_reuses_signed_ones(tmp_path
         assert CALLS == [1, 2]
         # Someone without the key replaces y, keeping its token so that it would be reused.
         forger = store(url, None)
-        header, _ = await forger.read("y")
+        (header,) = await stored_headers(forger, "y")
         await forger.put("y", Payload(marker), token=header.token)
         forger.close()
         with captured_logger("storage_scheduler", level=logging.WARNING) as log:

@@ -48,6 +48,26 @@ async def async_poll_until(
         await asyncio.sleep(period)
 
 
+async def stored_headers(store: Store, key: Any) -> list[Any]:
+    """The headers of every stored result (version) of ``key``, by listing the store."""
+    from storage_scheduler.store.inventory import take_inventory
+
+    objects = (await take_inventory(store)).objects
+    return [await store.read_header(o.path) for o in objects if o.key == key]
+
+
+async def stored_token(store: Store, key: Any) -> str | None:
+    """The token of the one stored result of ``key`` (fails if there are several)."""
+    (header,) = await stored_headers(store, key)
+    token: str | None = header.token
+    return token
+
+
+async def stored_value(store: Store, key: Any) -> Any:
+    """The value of the one stored result of ``key``."""
+    return await store.get(key, await stored_token(store, key))
+
+
 async def cataloged_keys(store: Store) -> set[Any]:
     """Keys in the store's catalog manifest, as a scheduler starting now would load them.
 

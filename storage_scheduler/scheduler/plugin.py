@@ -150,7 +150,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.store, self.catalog = store, catalog
         self.store_id = store_id_for(self.store_settings.url)
         self.lanes = Lanes(scheduler, self.store_id, self.settings.lanes)
-        tokens = TaskTokens(self.settings.worker.version, self.settings.lineage, catalog)
+        tokens = TaskTokens(
+            self.settings.worker.version, self.settings.lineage, catalog, self.lanes.tokens.get
+        )
         self.reuse = Reuse(scheduler, self.lanes, catalog, tokens)
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
         registry.register(self.store_id, store, self.drop_unreadable, self.lanes.lookup)
@@ -287,6 +289,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         elif finish == "forgotten":
             self.reuse.forgotten(key)
             self.retention.forgotten(key)
+            self.lanes.remember(key, None)
         elif start == "memory" and finish == "released":
             self.retention.released(key)
 
@@ -310,20 +313,23 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         ts = self.scheduler.tasks.get(key)
         if ts is None or ts.state != "memory":
             return
-        self.lanes.add(ts, stored.get("token"))
-        if not stored.get("loaded") and "token" in stored and "nbytes" in stored:
+        token = stored.get("token")
+        self.lanes.add(ts, token)
+        if not stored.get("loaded") and token is not None and "nbytes" in stored:
             self.counters.stored += 1
             self.counters.stored_bytes += stored["nbytes"]
-            token = self.reuse.tokens.recorded(ts, stored["token"])
-            self.catalog.add(key, token, stored["nbytes"], kept=self.retention.keeps(key))
-            self.retention.stored(key)
+            lineage = self.reuse.tokens.recorded(ts, token)
+            keep = self.retention.keeps(key)
+            self.catalog.add(key, token, stored["nbytes"], kept=keep, lineage=lineage)
+            self.retention.stored(key, token)
 
     def update_graph(
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
     ) -> None:
-        self.retention.requested(keys)
+        wanted = self.retention.requested(keys)  # before reuse rewrites the graph
         mark_p2p_steps(scheduler.tasks, kwargs.get("tasks", ()))
-        self.reuse.on_update_graph(keys)
+        reused = self.reuse.on_update_graph(keys)
+        self.retention.keep_reused(wanted, reused)
 
     # ------------------------------------------------------------------ handlers
 
@@ -341,7 +347,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         """
         recommendations: dict[Any, str] = {}
         for key in keys:
-            self.catalog.discard(key)
+            self.catalog.discard(key, self.lanes.tokens.get(key))
             ts = self.scheduler.tasks.get(key)
             if ts is None or ts.state != "memory":
                 continue

@@ -57,8 +57,8 @@ class Retention:
     settings: SchedulerSettings
     #: Keys a client asked for (kept in the store when forgotten).
     wanted: set[Any]
-    #: Keys whose objects are to be deleted.
-    doomed: set[Any]
+    #: Stored results (key, token) whose objects are to be deleted.
+    doomed: set[tuple[Any, str | None]]
     #: Stored objects deleted by the lifecycle policy, since start.
     deleted_total: int
     #: (keys, bytes) held by the lanes when the lease was last written.
@@ -90,17 +90,24 @@ class Retention:
 
     # ------------------------------------------------------------------ hooks
 
-    def requested(self, keys: Iterable[Any]) -> None:
-        """A client asked for ``keys``: keep their results, in this run and later ones."""
+    def requested(self, keys: Iterable[Any]) -> list[Any]:
+        """A client asked for ``keys``: keep their results, in this run and later ones.
+        Returns the keys whose results are wanted."""
+        wanted = []
         for key in keys:
-            wanted = [key]
+            wanted.append(key)
             ts = self.scheduler.tasks.get(key)
             if ts is not None and _compat.is_finalize_key(key):
                 # Client.compute's wrapper: what it wraps is the result the user wants.
                 wanted.extend(dts.key for dts in ts.dependencies)
-            for k in wanted:
-                self.wanted.add(k)
-                self.catalog.keep(k)  # stored already (reused): recorded in the manifest
+        self.wanted.update(wanted)
+        return wanted
+
+    def keep_reused(self, wanted: Iterable[Any], reused: dict[Any, str | None]) -> None:
+        """Wanted results that are reused, not stored again: record them as kept."""
+        for key in wanted:
+            if key in reused:
+                self.catalog.keep(key, reused[key])
 
     def keeps(self, key: Any) -> bool:
         """Whether ``key``'s result is to be kept when it is stored."""
@@ -111,15 +118,16 @@ class Retention:
     def released(self, key: Any) -> None:
         """Nothing needs ``key`` any more: stock Dask frees it from RAM, and from the
         store too if it is an intermediate."""
-        entry = self.catalog.get(key)
+        token = self.lanes.tokens.get(key)
+        entry = self.catalog.get(key, token)
         if entry is None or entry.kept or self.settings.gc != "intermediates" or self.keeps(key):
             return
-        self.catalog.discard(key)
-        self.doomed.add(key)
+        self.catalog.discard(key, token)
+        self.doomed.add((key, token))
 
-    def stored(self, key: Any) -> None:
+    def stored(self, key: Any, token: str | None) -> None:
         """``key`` was stored again: a deletion still pending would remove the new object."""
-        self.doomed.discard(key)
+        self.doomed.discard((key, token))
 
     def forgotten(self, key: Any) -> None:
         self.released(key)
@@ -156,9 +164,9 @@ class Retention:
     async def _delete_doomed(self) -> None:
         doomed, self.doomed = self.doomed, set()
         protected = await keys_leased_by_others(self.store, own_lease=self.lease_name)
-        victims = [k for k in doomed if k not in protected]
+        victims = [kt for kt in doomed if kt[0] not in protected]
         try:
-            await self.store.delete(victims)
+            await self.store.delete_versions(victims)
         except BaseException:
             self.doomed.update(victims)  # try again at the next round
             raise

@@ -19,9 +19,10 @@ rewrite would otherwise fail silently):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dask._task_spec import Task
@@ -66,8 +67,10 @@ class ReusePlan:
     in_memory: dict[Any, int] = field(default_factory=dict)
     #: Requested stored keys: each gets a task that loads its result.
     loaders: list[Any] = field(default_factory=list)
-    #: Stored keys whose token differs: their results are stale, computed and overwritten.
+    #: Stored keys whose results were all produced by other code: computed.
     stale: list[Any] = field(default_factory=list)
+    #: The token of the stored result chosen for each reused key: it names the object.
+    tokens: dict[Any, str | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.in_memory) + len(self.loaders)
@@ -76,8 +79,9 @@ class ReusePlan:
 def plan_reuse(
     keys: Iterable[Any],
     tasks: Mapping[Any, PlannedTask],
-    stored: Callable[[Any], Entry | None],
+    stored: Callable[[Any], Sequence[Entry]],
     token: Callable[[PlannedTask], str],
+    compared: Callable[[Entry], str | None] = attrgetter("token"),
 ) -> ReusePlan:
     """Which stored results can stand in for tasks of a new graph.
 
@@ -88,9 +92,11 @@ def plan_reuse(
     tasks
         Every task the scheduler knows, by key.
     stored
-        The catalog entry of a key, or None.
+        The stored results (catalog entries) of a key: one per token it was stored with.
     token
         The token a stored result of a task must carry to be reused.
+    compared
+        The token of an entry that ``token`` is compared with.
 
     Tasks the cluster already knows (not ``released``) and scattered data follow the stock
     rules; so do tasks annotated ``storage=False``.
@@ -107,13 +113,16 @@ def plan_reuse(
         ts = tasks.get(key)
         if ts is None or ts.state != "released" or ts.run_spec is None:
             continue
-        entry = stored(key)
-        if entry is not None and (ts.annotations or {}).get("storage") is not False:
-            if entry.token == token(ts):
+        versions = stored(key)
+        if versions and (ts.annotations or {}).get("storage") is not False:
+            wanted = token(ts)
+            entry = next((e for e in versions if compared(e) == wanted), None)
+            if entry is not None:
                 if key in requested:
                     plan.loaders.append(key)
                 else:
                     plan.in_memory[key] = entry.nbytes
+                plan.tokens[key] = entry.token
                 continue
             plan.stale.append(key)
         stack.extend(dts.key for dts in ts.dependencies)
@@ -131,12 +140,21 @@ class TaskTokens:
         Whether a token also covers the tokens of everything upstream.
     catalog
         Where the tokens of stored dependencies are found when a result is recorded.
+    held
+        The token of the stored result of a key the cluster holds, if any.
     """
 
-    def __init__(self, version: str | None, lineage: bool, catalog: Catalog):
+    def __init__(
+        self,
+        version: str | None,
+        lineage: bool,
+        catalog: Catalog,
+        held: Callable[[Any], str | None] = lambda key: None,
+    ):
         self.version = version
         self.lineage = lineage
         self.catalog = catalog
+        self.held = held
 
     def own(self, ts: PlannedTask) -> str:
         return result_token(ts.run_spec, self.version, ts.annotations)
@@ -145,10 +163,15 @@ class TaskTokens:
         """The token a stored result of ``ts`` must carry to be reused."""
         return self._lineage(ts, memo) if self.lineage else self.own(ts)
 
-    def recorded(self, ts: PlannedTask, worker_token: str) -> str:
-        """The token to record for a result a worker stored with ``worker_token``."""
+    def compared(self, entry: Entry) -> str | None:
+        """The token of a stored result that :meth:`wanted` is compared with."""
+        return entry.lineage if self.lineage else entry.token
+
+    def recorded(self, ts: PlannedTask, worker_token: str) -> str | None:
+        """The lineage token to record for a result a worker stored with ``worker_token``
+        (None without ``lineage``)."""
         if not self.lineage:
-            return worker_token
+            return None
         return self._lineage(ts, {}, own=worker_token, use_catalog=True)
 
     def _lineage(
@@ -168,9 +191,9 @@ class TaskTokens:
 
         def known(dts: PlannedTask) -> str | None:
             if use_catalog:
-                entry = self.catalog.get(dts.key)
-                if entry is not None and entry.token is not None:
-                    return entry.token
+                entry = self.catalog.get(dts.key, self.held(dts.key))
+                if entry is not None and entry.lineage is not None:
+                    return entry.lineage
             if dts.run_spec is None:
                 return f"data:{dts.key!r}"  # scattered data: known by its key only
             return memo.get(dts.key)
@@ -226,8 +249,8 @@ class Reuse:
     #: Keys taken from the store instead of being computed, since start.
     reused_total: int
     #: Requested keys running as loaders: their own spec and dependencies, kept so that
-    #: they can be computed after all if loading fails.
-    loaders: dict[Any, tuple[Any, list[TaskState]]]
+    #: they can be computed after all if loading fails, and the token they load.
+    loaders: dict[Any, tuple[Any, list[TaskState], str | None]]
 
     def __init__(self, scheduler: Scheduler, lanes: Lanes, catalog: Catalog, tokens: TaskTokens):
         self.scheduler = scheduler
@@ -237,17 +260,23 @@ class Reuse:
         self.reused_total = 0
         self.loaders = {}
 
-    def on_update_graph(self, keys: Collection[Any]) -> None:
+    def on_update_graph(self, keys: Collection[Any]) -> dict[Any, str | None]:
+        """Reuse what can be reused for a new graph; return the tokens of the stored
+        results that stand in for tasks, by key."""
         if not len(self.catalog):
-            return
+            return {}
         memo: dict[Any, str] = {}
         plan = plan_reuse(
-            keys, self.scheduler.tasks, self.catalog.get, lambda ts: self.tokens.wanted(ts, memo)
+            keys,
+            self.scheduler.tasks,
+            self.catalog.versions,
+            lambda ts: self.tokens.wanted(ts, memo),
+            self.tokens.compared,
         )
-        for key in plan.stale:
-            self.catalog.discard(key)  # stale: it is computed and overwritten
-        if plan:
-            self.apply(plan)
+        # Stale results (other code's) stay: they are other versions, other objects.
+        if plan and self.apply(plan):
+            return plan.tokens
+        return {}
 
     def apply(self, plan: ReusePlan) -> bool:
         """Apply ``plan`` entirely, or not at all (then everything is computed)."""
@@ -259,11 +288,11 @@ class Reuse:
                 _compat.put_in_memory(self.scheduler, ts, nbytes, lane)
                 undo.append(partial(_compat.undo_put_in_memory, self.scheduler, ts, lane))
                 # Readers must find the object this task would write now, nothing else.
-                self.lanes.remember(key, self.tokens.own(ts))
+                self.lanes.remember(key, plan.tokens[key])
                 undo.append(partial(self.lanes.remember, key, None))
             for key in plan.loaders:
                 ts = self.scheduler.tasks[key]
-                self._make_loader(ts)
+                self._make_loader(ts, plan.tokens[key])
                 undo.append(partial(self._restore, key))
         except Exception:
             for step in reversed(undo):
@@ -274,15 +303,13 @@ class Reuse:
         logger.info("Reusing %d stored results instead of computing them", len(plan))
         return True
 
-    def _make_loader(self, ts: TaskState) -> None:
+    def _make_loader(self, ts: TaskState, token: str | None) -> None:
         """Give a requested stored key a body that loads it, and no dependencies."""
-        spec = ts.run_spec
-        token = self.tokens.own(ts)  # before the spec is swapped: the object's token
-        self.loaders[ts.key] = (spec, _compat.detach_dependencies(ts))
+        self.loaders[ts.key] = (ts.run_spec, _compat.detach_dependencies(ts), token)
         _compat.set_run_spec(ts, Task(ts.key, load_stored, ts.key, token))
 
     def _restore(self, key: Any) -> None:
-        spec, deps = self.loaders.pop(key)
+        spec, deps, _ = self.loaders.pop(key)
         ts = self.scheduler.tasks[key]
         _compat.set_run_spec(ts, spec)
         _compat.attach_dependencies(ts, [d for d in deps if d.key in self.scheduler.tasks])
@@ -290,8 +317,9 @@ class Reuse:
     def loader_failed(self, key: Any) -> None:
         """Loading failed (or its worker died): make the key a normal task again."""
         if key in self.loaders:
+            token = self.loaders[key][2]
             self._restore(key)
-            self.catalog.discard(key)
+            self.catalog.discard(key, token)
             logger.info("Computing %r: its stored result could not be loaded", key)
 
     def forgotten(self, key: Any) -> None:

@@ -161,7 +161,7 @@ class LocalBackend(Backend):
 def _write_replacing(path: str, frames: Sequence[Buffer]) -> None:
     # Not fsspec's autocommit=False: it stages in the system temp dir, and a rename
     # across filesystems is a copy, not atomic. Stage beside the target instead.
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
     def stage() -> None:
         with open(tmp, "wb") as f:

@@ -19,7 +19,7 @@ import builtins
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -86,7 +86,10 @@ class Store:
     def __init__(self, settings: StoreSettings):
         self.settings = settings
         try:
-            fs, root = fsspec.core.url_to_fs(settings.url, **settings.storage_options)
+            # No listings cache (s3fs keeps one): a cached listing hides objects written
+            # since, and a read of one of them would fail as if it were missing.
+            options = {"use_listings_cache": False, **settings.storage_options}
+            fs, root = fsspec.core.url_to_fs(settings.url, **options)
         except (ValueError, ImportError, TypeError) as e:
             message = f"cannot open store URL {redact_url(settings.url)!r}: {e}"
             raise StorageConfigError(redact(message, settings.url)) from e
@@ -120,11 +123,12 @@ class Store:
         """Stop the thread pool; operations in flight finish first."""
         self._executor.shutdown(wait=False)
 
-    def path(self, key: object) -> str:
-        """Path of a key's object inside :attr:`fs`."""
-        return f"{self.root}/{serialize.object_path(key)}"
+    def path(self, key: object, token: str | None = None) -> str:
+        """Path inside :attr:`fs` of the object of ``key``'s result produced with ``token``."""
+        return f"{self.root}/{serialize.object_path(key, token)}"
 
-    def _where(self, path: str) -> str:
+    def where(self, path: str) -> str:
+        """``path`` as a URL for messages (without credentials)."""
         return redact(str(self.fs.unstrip_protocol(path)), self.settings.url)
 
     @property
@@ -147,12 +151,12 @@ class Store:
                 return await fn()
             except Exception as e:
                 if attempt < len(delays) and is_transient(e):
-                    logger.debug("%s %s failed (%r); retrying", op, self._where(path), e)
+                    logger.debug("%s %s failed (%r); retrying", op, self.where(path), e)
                     await asyncio.sleep(delays[attempt])
                     continue
                 if isinstance(e, OSError):
                     raise
-                message = redact(f"{op} {self._where(path)} failed: {e!r}", self.settings.url)
+                message = redact(f"{op} {self.where(path)} failed: {e!r}", self.settings.url)
                 raise StoreError(message) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -171,15 +175,16 @@ class Store:
         """Store ``value`` as the result of ``key``; return the object's size in bytes.
 
         ``token`` records what produced the value, so that later readers can tell
-        whether it is still the result they want. A callable is called in the thread pool
-        (computing a token is CPU work).
+        whether it is still the result they want; results with different tokens are
+        different objects. A callable is called in the thread pool (computing a token is
+        CPU work).
         """
-        path = self.path(key)
         counters = self.counters
         counters.writes_in_flight += 1
         start = time.perf_counter()
         try:
-            frames = await self._in_thread(_encode, key, value, token, self.settings)
+            known, frames = await self._in_thread(_encode, key, value, token, self.settings)
+            path = self.path(key, known)
             await self._retrying("write", path, lambda: self._write(path, frames))
         finally:
             counters.writes_in_flight -= 1
@@ -194,8 +199,8 @@ class Store:
     ) -> tuple[serialize.ObjectHeader, memoryview]:
         """The verified header and payload of ``key``'s object.
 
-        ``token``, when given, is the token of the result the reader wants: an object
-        with another one is another result under the same key.
+        ``token`` is the token of the result the reader wants (None: the object stored
+        without one). It names the object, and the object must carry it.
 
         Raises
         ------
@@ -227,8 +232,8 @@ class Store:
         token: str | None,
         then: Callable[[serialize.ObjectHeader, memoryview], T],
     ) -> T:
-        path = self.path(key)
-        where = self._where(path)
+        path = self.path(key, token)
+        where = self.where(path)
         counters = self.counters
         counters.reads_in_flight += 1
         start = time.perf_counter()
@@ -255,56 +260,50 @@ class Store:
         counters.bytes_read += len(data)
         return out
 
-    async def head(self, key: object) -> serialize.ObjectHeader:
-        """The header of ``key``'s object, reading only its first bytes."""
-        return await self._read_header(self.path(key))
+    async def head(self, key: object, token: str | None = None) -> serialize.ObjectHeader:
+        """The header of ``key``'s object, reading only its first bytes (not verified)."""
+        return await self.read_header(self.path(key, token))
 
-    async def _read_header(self, path: str) -> serialize.ObjectHeader:
+    async def read_header(self, path: str) -> serialize.ObjectHeader:
+        """The header of the object at ``path`` (inside :attr:`fs`), reading only its first
+        bytes (not verified)."""
         try:
             data = await self._retrying("read", path, lambda: self._read(path, _HEADER_PROBE))
-            span = serialize.header_span(data, self._where(path))
+            span = serialize.header_span(data, self.where(path))
             if span > len(data):  # a header longer than the probe: read exactly enough
                 data = await self._retrying("read", path, lambda: self._read(path, span))
         except FileNotFoundError as e:
-            raise MissingObjectError(errno.ENOENT, "no stored object", self._where(path)) from e
-        return serialize.read_header(data, self._where(path))
-
-    async def sizes(self, keys: Iterable[object]) -> dict[Any, int]:
-        """Object sizes in bytes of those ``keys`` that the store holds."""
-        keys = list(keys)
-
-        async def one(key: object) -> int | None:
-            path = self.path(key)
-            return await self._retrying("stat", path, lambda: self._backend.size(path))
-
-        found = await asyncio.gather(*map(one, keys))
-        return {k: n for k, n in zip(keys, found, strict=True) if n is not None}
-
-    async def exists(self, keys: Iterable[object]) -> set[Any]:
-        """Those of ``keys`` that the store holds."""
-        return set(await self.sizes(keys))
+            raise MissingObjectError(errno.ENOENT, "no stored object", self.where(path)) from e
+        return serialize.read_header(data, self.where(path))
 
     async def delete(self, keys: Collection[object]) -> None:
-        """Delete the objects of ``keys``; keys without an object are ignored."""
-        await self._delete_paths([self.path(k) for k in keys])
+        """Delete the objects stored without a token of ``keys``; missing ones are ignored."""
+        await self.delete_paths([self.path(k) for k in keys])
 
-    async def _delete_paths(self, paths: list[str]) -> None:
+    async def delete_versions(self, versions: Collection[tuple[object, str | None]]) -> None:
+        """Delete the objects of these (key, token) results; missing ones are ignored."""
+        await self.delete_paths([self.path(k, t) for k, t in versions])
+
+    async def delete_paths(self, paths: list[str]) -> None:
+        """Delete files by their paths inside :attr:`fs`; missing ones are ignored."""
         if paths:
             await self._retrying("delete", paths[0], lambda: self._backend.delete(paths))
 
     async def list(self) -> dict[Any, int]:
-        """Every stored key with its object size, by listing the store.
+        """Every stored key with the size of its objects (all versions), by listing the
+        store (see :func:`storage_scheduler.store.inventory.stored_keys`)."""
+        from storage_scheduler.store.inventory import stored_keys
 
-        Keys too long to be spelled in their object's name are read from the object's
-        header. Unfinished writes (temporary files) are skipped.
-        """
-        base = f"{self.root}/objects"
-        listing = await self._retrying("list", base, lambda: self._backend.find(base))
-        out, digest_named = serialize.keys_in_listing(listing)
-        headers = await asyncio.gather(*(self._read_header(p) for p, _ in digest_named))
-        for (_, size), header in zip(digest_named, headers, strict=True):
-            out[header.key] = size
-        return out
+        return await stored_keys(self)
+
+    async def find(self, prefix: str) -> dict[str, int]:
+        """Paths and sizes of every file under ``prefix`` (relative to the root)."""
+        base = f"{self.root}/{prefix.strip('/')}"
+        return await self._retrying("list", base, lambda: self._backend.find(base))
+
+    async def read_path(self, path: str) -> serialize.Buffer:
+        """The bytes of the file at ``path`` (inside :attr:`fs`), unverified."""
+        return await self._retrying("read", path, lambda: self._read(path))
 
     # ------------------------------------------------ files beside the objects
     # Small files the store keeps for itself (the catalog's manifest, cluster leases),
@@ -327,7 +326,7 @@ class Store:
         """
         path = f"{self.root}/{name}"
         data = bytes(await self._retrying("read", path, lambda: self._read(path)))
-        return signing.unseal(data, self.settings.signing_keys, self._where(path))
+        return signing.unseal(data, self.settings.signing_keys, self.where(path))
 
     async def list_files(self, prefix: str) -> builtins.list[str]:
         """Names (relative to the root) of the finished files under ``prefix``."""
@@ -337,7 +336,7 @@ class Store:
         return sorted(n for n in names if ".tmp-" not in n)
 
     async def delete_files(self, names: Collection[str]) -> None:
-        await self._delete_paths([f"{self.root}/{n}" for n in names])
+        await self.delete_paths([f"{self.root}/{n}" for n in names])
 
     async def check(self) -> None:
         """Probe the store (see :func:`storage_scheduler.store.probe.check`)."""
@@ -348,12 +347,15 @@ class Store:
 
 def _encode(
     key: object, value: object, token: str | Callable[[], str] | None, settings: StoreSettings
-) -> list[serialize.Buffer]:
-    """The frames of ``value``'s object (in the store's thread pool: tokens are CPU work)."""
-    return serialize.encode(
+) -> tuple[str | None, list[serialize.Buffer]]:
+    """The token and the frames of ``value``'s object (in the store's thread pool: tokens
+    are CPU work)."""
+    token = token() if callable(token) else token
+    frames = serialize.encode(
         key,
         value,
-        token=token() if callable(token) else token,
+        token=token,
         compression=settings.compression,
         signing_key=settings.signing_key,
     )
+    return token, frames

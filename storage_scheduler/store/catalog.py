@@ -29,24 +29,33 @@ from typing import Any
 
 import msgpack
 
-from storage_scheduler._exceptions import UntrustedObjectError
+from storage_scheduler._exceptions import StoreError, UntrustedObjectError
 from storage_scheduler.store._store import Store
-from storage_scheduler.store.serialize import key_to_msgpack, msgpack_ext_hook
+from storage_scheduler.store.inventory import StoredObject, take_inventory
+from storage_scheduler.store.serialize import (
+    key_to_msgpack,
+    msgpack_ext_hook,
+    pack_key,
+    version_name,
+)
 
 __all__ = ["Catalog", "Entry"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest"
+#: Where unreadable catalog segments are set aside.
+QUARANTINE = "quarantine"
 #: More segments than this at start are compacted into one snapshot.
 COMPACT_AFTER = 16
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """What the catalog knows of one stored key."""
+    """What the catalog knows of one stored result (one version of a key)."""
 
-    #: Token of the task that produced the result (see :mod:`storage_scheduler.tokens`).
+    #: Token of the task that produced the result (see :mod:`storage_scheduler.tokens`);
+    #: with the key, it names the object.
     token: str | None
     #: Size of the stored object in bytes.
     nbytes: int
@@ -55,38 +64,62 @@ class Entry:
     #: A client asked for it (or it is annotated ``storage_keep``): no cluster's lifecycle
     #: policy deletes it; only ``dask storage gc`` does.
     kept: bool = False
+    #: With ``lineage: true``: the token of the result and of everything upstream of it.
+    lineage: str | None = None
 
 
-def _encode_segment(added: dict[Any, Entry], deleted: list[Any]) -> bytes:
+#: The versions of one key: one Entry (nearly always), or several.
+Versions = Entry | tuple[Entry, ...]
+
+
+def _versions(v: Versions | None) -> tuple[Entry, ...]:
+    if v is None:
+        return ()
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _encode_segment(added: list[tuple[Any, Entry]], deleted: list[tuple[Any, str | None]]) -> bytes:
     # Columns, not records: a million entries decode in one msgpack call.
     return msgpack.packb(
         {
-            "version": 1,
-            "keys": [key_to_msgpack(k) for k in added],
-            "tokens": [e.token for e in added.values()],
-            "nbytes": [e.nbytes for e in added.values()],
-            "created": [e.created for e in added.values()],
-            "kept": [e.kept for e in added.values()],
-            "deleted": [key_to_msgpack(k) for k in deleted],
+            "version": 2,
+            "keys": [key_to_msgpack(k) for k, _ in added],
+            "tokens": [e.token for _, e in added],
+            "nbytes": [e.nbytes for _, e in added],
+            "created": [e.created for _, e in added],
+            "kept": [e.kept for _, e in added],
+            "lineage": [e.lineage for _, e in added],
+            "deleted": [key_to_msgpack(k) for k, _ in deleted],
+            "deleted_tokens": [t for _, t in deleted],
         },
         use_bin_type=True,
     )
 
 
-def _decode_segment(data: bytes) -> tuple[Iterator[tuple[Any, Entry]], Any]:
+def _decode_segment(data: bytes) -> tuple[list[tuple[Any, Entry]], list[tuple[Any, Any]]]:
     seg = msgpack.unpackb(data, raw=False, use_list=False, ext_hook=msgpack_ext_hook)
-    kept = seg.get("kept") or (False,) * len(seg["keys"])  # segments from before "kept"
-    added = (
-        (k, Entry(t, n, c, bool(kp)))
-        for k, t, n, c, kp in zip(
-            seg["keys"], seg["tokens"], seg["nbytes"], seg["created"], kept, strict=True
+    n = len(seg["keys"])
+    kept = seg.get("kept") or (False,) * n  # older segments lack the newer columns
+    lineage = seg.get("lineage") or (None,) * n
+    added = [
+        (k, Entry(t, int(nb), float(c), bool(kp), ln))
+        for k, t, nb, c, kp, ln in zip(
+            seg["keys"], seg["tokens"], seg["nbytes"], seg["created"], kept, lineage, strict=True
         )
-    )
-    return added, seg["deleted"]
+    ]
+    # A version-1 segment deleted keys, not versions: ANY stands for every version.
+    tokens = seg.get("deleted_tokens") or (_ANY,) * len(seg["deleted"])
+    return added, list(zip(seg["deleted"], tokens, strict=True))
+
+
+_ANY = object()
 
 
 class Catalog:
-    """Stored keys of one store, as seen by one scheduler.
+    """Stored results of one store, as seen by one scheduler.
+
+    A key may have several stored results, one per token (clusters running other code
+    on one store): each is its own object, and its own entry.
 
     Parameters
     ----------
@@ -104,11 +137,13 @@ class Catalog:
 
     store: Store
     writer_id: str
-    entries: dict[Any, Entry]
-    #: Total size of the objects in ``entries``.
+    #: The versions of every stored key.
+    entries: dict[Any, Versions]
+    #: Number of stored results (versions) and their total size.
+    count: int
     nbytes: int
-    #: Changes not yet written: an Entry to add, or None to delete.
-    _pending: dict[Any, Entry | None]
+    #: Changes not yet written, by (key, token): an Entry to add, or None to delete.
+    _pending: dict[tuple[Any, str | None], Entry | None]
     #: Segments already reflected in ``entries`` (compaction may delete them).
     _seen_segments: list[str]
     _seq: int
@@ -117,6 +152,7 @@ class Catalog:
         self.store = store
         self.writer_id = writer_id or uuid.uuid4().hex[:12]
         self.entries = {}
+        self.count = 0
         self.nbytes = 0
         self._pending = {}
         self._seen_segments = []
@@ -127,37 +163,94 @@ class Catalog:
         return len(self._seen_segments)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        """The number of stored results (a key stored by different code counts twice)."""
+        return self.count
 
     def __contains__(self, key: object) -> bool:
         return key in self.entries
 
-    def get(self, key: Any) -> Entry | None:
-        return self.entries.get(key)
+    def versions(self, key: Any) -> tuple[Entry, ...]:
+        """Every stored result of ``key``."""
+        return _versions(self.entries.get(key))
 
-    def add(self, key: Any, token: str | None, nbytes: int, kept: bool = False) -> None:
-        old = self.entries.get(key)
-        entry = Entry(token, nbytes, time.time(), kept or (old is not None and old.kept))
-        self.nbytes += nbytes - (old.nbytes if old is not None else 0)
-        self.entries[key] = entry
-        self._pending[key] = entry
+    def get(self, key: Any, token: str | None) -> Entry | None:
+        """The stored result of ``key`` produced with ``token``, if any."""
+        v = self.entries.get(key)
+        if isinstance(v, Entry):
+            return v if v.token == token else None
+        return next((e for e in _versions(v) if e.token == token), None)
 
-    def keep(self, key: Any) -> None:
-        """Mark a stored key as asked for: kept by every cluster's lifecycle policy."""
-        old = self.entries.get(key)
+    def items(self) -> Iterator[tuple[Any, Entry]]:
+        """Every stored result, as (key, entry)."""
+        for key, v in self.entries.items():
+            if isinstance(v, Entry):
+                yield key, v
+            else:
+                for e in v:
+                    yield key, e
+
+    def _set(self, key: Any, entry: Entry) -> Entry | None:
+        """Add or replace the version ``entry.token`` of ``key``; return the one replaced."""
+        v = self.entries.get(key)
+        if v is None or (isinstance(v, Entry) and v.token == entry.token):
+            self.entries[key] = entry
+            old = v
+        else:
+            others = _versions(v)
+            old = next((e for e in others if e.token == entry.token), None)
+            self.entries[key] = (*(e for e in others if e.token != entry.token), entry)
+        self.count += old is None
+        self.nbytes += entry.nbytes - (old.nbytes if old is not None else 0)
+        return old
+
+    def _remove(self, key: Any, token: object) -> None:
+        """Forget the version ``token`` of ``key`` (every version for ``_ANY``)."""
+        versions = _versions(self.entries.get(key))
+        gone = [e for e in versions if token is _ANY or e.token == token]
+        left = tuple(e for e in versions if not (token is _ANY or e.token == token))
+        if not gone:
+            return
+        if not left:
+            del self.entries[key]
+        else:
+            self.entries[key] = left[0] if len(left) == 1 else left
+        self.count -= len(gone)
+        self.nbytes -= sum(e.nbytes for e in gone)
+
+    def add(
+        self,
+        key: Any,
+        token: str | None,
+        nbytes: int,
+        kept: bool = False,
+        lineage: str | None = None,
+    ) -> None:
+        old = self.get(key, token)
+        entry = Entry(token, nbytes, time.time(), kept or (old is not None and old.kept), lineage)
+        self._set(key, entry)
+        self._pending[key, token] = entry
+
+    def keep(self, key: Any, token: str | None) -> None:
+        """Mark a stored result as asked for: kept by every cluster's lifecycle policy."""
+        old = self.get(key, token)
         if old is not None and not old.kept:
-            self.entries[key] = self._pending[key] = replace(old, kept=True)
+            new = replace(old, kept=True)
+            self._set(key, new)
+            self._pending[key, token] = new
 
-    def discard(self, key: Any) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        if old is not None or key in self._pending:
-            self._pending[key] = None
+    def discard(self, key: Any, token: str | None) -> None:
+        """Forget the stored result of ``key`` produced with ``token``."""
+        had = self.get(key, token) is not None
+        self._remove(key, token)
+        if had or (key, token) in self._pending:
+            self._pending[key, token] = None
 
-    def _replace(self, entries: dict[Any, Entry]) -> None:
+    def _replace(self, entries: dict[Any, Versions]) -> None:
         self.entries = entries
-        self.nbytes = sum(e.nbytes for e in entries.values())
+        self.count = self.nbytes = 0
+        for _, e in self.items():
+            self.count += 1
+            self.nbytes += e.nbytes
 
     # ------------------------------------------------------------------- I/O
 
@@ -170,8 +263,8 @@ class Catalog:
         if not self._pending:
             return 0
         pending, self._pending = self._pending, {}
-        added = {k: e for k, e in pending.items() if e is not None}
-        deleted = [k for k, e in pending.items() if e is None]
+        added = [(k, e) for (k, _), e in pending.items() if e is not None]
+        deleted = [kt for kt, e in pending.items() if e is None]
         name = self._segment_name()
         data = await asyncio.get_running_loop().run_in_executor(
             None, _encode_segment, added, deleted
@@ -193,8 +286,11 @@ class Catalog:
         names = [n for n, blob in zip(listed, read, strict=True) if blob is not None]
         blobs = [blob for blob in read if blob is not None]
         loop = asyncio.get_running_loop()
-        entries = await loop.run_in_executor(None, self._replay, blobs, names)
+        entries, damaged = await loop.run_in_executor(None, self._replay, blobs, names)
         self._replace(entries)
+        if damaged and compact:  # a writer: set them aside for ``rebuild-catalog``
+            await self._quarantine(damaged, dict(zip(names, blobs, strict=True)))
+        names = [n for n in names if n not in damaged]
         # Only what was read is replaced (and deleted) by a compaction: a segment that
         # vanished is someone else's business, an untrusted one stays for inspection.
         self._seen_segments = list(names)
@@ -216,47 +312,80 @@ class Catalog:
             logger.warning("Ignoring catalog segment %s: %s", name, e)
             return None
 
-    def _replay(self, blobs: list[bytes], names: list[str]) -> dict[Any, Entry]:
-        entries: dict[Any, Entry] = {}
+    def _replay(
+        self, blobs: list[bytes], names: list[str]
+    ) -> tuple[dict[Any, Versions], list[str]]:
+        """The entries the segments add up to, and the names of those that cannot be read."""
+        catalog = Catalog(self.store, self.writer_id)  # replays with the same rules as live
+        damaged = []
         for name, blob in zip(names, blobs, strict=True):
             try:
                 added, deleted = _decode_segment(blob)
-                entries.update(added)
             except Exception as e:
                 logger.warning("Skipping unreadable catalog segment %s: %s", name, e)
+                damaged.append(name)
                 continue
-            for key in deleted:
-                entries.pop(key, None)
-        return entries
+            for key, entry in added:
+                catalog._set(key, entry)
+            for key, token in deleted:
+                catalog._remove(key, token)
+        return catalog.entries, damaged
+
+    async def _quarantine(self, damaged: list[str], blobs: dict[str, bytes]) -> None:
+        """Move unreadable segments to ``quarantine/``: out of the manifest, never deleted
+        (their keys come back with ``dask storage rebuild-catalog``)."""
+        for name in damaged:
+            try:
+                await self.store.write_file(f"{QUARANTINE}/{name}", blobs[name])
+                await self.store.delete_files([name])
+            except OSError as e:
+                logger.warning("Cannot quarantine catalog segment %s: %s", name, e)
+            else:
+                logger.warning(
+                    "Moved unreadable catalog segment %s to %s/ (run dask storage "
+                    "rebuild-catalog to recover its keys)",
+                    name,
+                    QUARANTINE,
+                )
 
     async def compact(self) -> None:
         """Write the whole catalog as one segment and delete the segments it replaces."""
         old = list(self._seen_segments)
         await self.flush()
         name = self._segment_name()
-        snapshot = dict(self.entries)
+        snapshot = list(self.items())
         data = await asyncio.get_running_loop().run_in_executor(None, _encode_segment, snapshot, [])
         await self.store.write_file(name, data)
         await self.store.delete_files(old + [n for n in self._seen_segments if n not in old])
         self._seen_segments = [name]
 
-    async def rebuild(self) -> int:
-        """Recreate the manifest from a listing of the store (reads every header)."""
-        listing = await self.store.list()
-        sem = asyncio.Semaphore(64)
+    async def rebuild(self) -> list[tuple[str, str]]:
+        """Recreate the manifest from a listing of the store (reads every header).
 
-        async def head(key: Any) -> tuple[Any, Any]:
+        Returns the files that were left out, with the reason: stray files, objects whose
+        header cannot be read or whose name is not their token's.
+        """
+        inventory = await take_inventory(self.store)
+        sem = asyncio.Semaphore(64)
+        problems = list(inventory.problems)
+        catalog = Catalog(self.store, self.writer_id)
+
+        async def add(obj: StoredObject) -> None:
             async with sem:
                 try:
-                    return key, await self.store.head(key)
-                except Exception as e:
-                    logger.warning("Leaving %r out of the catalog: %s", key, e)
-                    return key, None
+                    h = await self.store.read_header(obj.path)
+                except (OSError, StoreError) as e:
+                    problems.append((obj.path, str(e)))
+                    return
+            named = None if h.token is None else version_name(h.token)
+            if named != obj.listed.version or pack_key(h.key) != pack_key(obj.key):
+                problems.append((obj.path, "its header does not match its name"))
+                return
+            catalog._set(obj.key, Entry(h.token, obj.size, h.created))
 
-        heads = await asyncio.gather(*map(head, listing))
-        self._replace({k: Entry(h.token, listing[k], h.created) for k, h in heads if h is not None})
+        await asyncio.gather(*map(add, inventory.objects))
+        self._replace(catalog.entries)
         self._pending = {}
-        old = await self.store.list_files(MANIFEST)
-        self._seen_segments = old
+        self._seen_segments = await self.store.list_files(MANIFEST)
         await self.compact()
-        return len(self.entries)
+        return problems

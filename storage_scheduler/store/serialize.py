@@ -40,6 +40,7 @@ from storage_scheduler._exceptions import IntegrityError, StaleObjectError, Untr
 from storage_scheduler.store import signing
 
 __all__ = [
+    "ListedObject",
     "ObjectHeader",
     "decode_serialized",
     "decode_value",
@@ -50,9 +51,11 @@ __all__ = [
     "object_name",
     "object_path",
     "pack_key",
+    "parse_listing",
     "read_header",
     "unpack_key",
     "verify",
+    "version_name",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -67,6 +70,9 @@ _BIGINT = 1  # msgpack ext type of integers outside the 64-bit range
 #: Longest name that spells the key out; longer keys are named by a digest instead.
 #: 200 + 1 leaves room below the 255-byte file name limit of common filesystems.
 MAX_SPELLED_NAME = 200
+#: Bytes of the token digest in an object's name: 200 + 1 + 1 + 20 + a temporary
+#: file's ``.tmp-`` suffix of 17 stays below the 255-byte limit.
+VERSION_DIGEST_SIZE = 10
 
 
 # --------------------------------------------------------------------------- keys
@@ -143,38 +149,72 @@ def key_from_object_name(name: str) -> Any | None:
     return unpack_key(base64.b32decode(spelled + "=" * (-len(spelled) % 8)))
 
 
-def keys_in_listing(listing: dict[str, int]) -> tuple[dict[Any, int], list[tuple[str, int]]]:
-    """Sizes by key of the objects in a listing (path to size), and the (path, size) of
-    those named by a digest, whose key is in their header. Temporary files are skipped.
+def version_name(token: str) -> str:
+    """The part of an object's name that tells its version: a digest of its token.
 
     Examples
     --------
-    >>> keys_in_listing({"objects/0a/kuf4a": 10, "objects/0a/kuf4a.tmp-1": 3, "objects/1b/h00": 5})
-    ({'x': 10}, [('objects/1b/h00', 5)])
+    >>> version_name("0123abcd")
+    '8b77d645684cfb1c1200'
     """
-    keyed: dict[Any, int] = {}
-    digest_named: list[tuple[str, int]] = []
+    return hashlib.blake2b(token.encode(), digest_size=VERSION_DIGEST_SIZE).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    """An object found by listing the store."""
+
+    path: str
+    size: int
+    #: The key its name spells, or None for a digest name (the key is in its header).
+    key: Any | None
+    #: :func:`version_name` of its token, or None for an object stored without one.
+    version: str | None
+
+
+def parse_listing(listing: dict[str, int]) -> tuple[list[ListedObject], list[str]]:
+    """The objects in a listing (path to size), and the paths that are not objects:
+    unfinished writes (``.tmp-`` files) and stray files.
+
+    Examples
+    --------
+    >>> objs, other = parse_listing({"objects/0a/kuf4a-0f": 10, "objects/0a/kuf4a.tmp-1": 3})
+    >>> [(o.key, o.version, o.size) for o in objs], other
+    ([('x', '0f', 10)], ['objects/0a/kuf4a.tmp-1'])
+    """
+    found: list[ListedObject] = []
+    other: list[str] = []
     for path, size in listing.items():
         name = path.rsplit("/", 1)[-1]
-        if "." in name:
+        stem, _, version = name.partition("-")
+        well_formed = (
+            stem[:1] in ("k", "h") and stem[1:].isalnum() and (not version or version.isalnum())
+        )
+        try:
+            if not well_formed or not stem.isascii():
+                raise ValueError(name)
+            key = key_from_object_name(stem) if stem.startswith("k") else None
+        except Exception:  # not a name this package writes: a stray file
+            other.append(path)
             continue
-        key = key_from_object_name(name)
-        if key is None:
-            digest_named.append((path, size))
-        else:
-            keyed[key] = size
-    return keyed, digest_named
+        found.append(ListedObject(path, size, key, version or None))
+    return found, other
 
 
-def object_path(key: object) -> str:
-    """Path of a key's object relative to the store root: ``objects/<shard>/<name>``.
+def object_path(key: object, token: str | None = None) -> str:
+    """Path of the object of ``key``'s result produced with ``token``, relative to the
+    store root: ``objects/<shard>/<name>-<version>``.
 
-    The two-character shard spreads objects over 256 directories, so that no single
-    directory (or S3 prefix) holds millions of entries.
+    Results of one key with different tokens (other code) are different objects, so no
+    cluster can overwrite another's. The two-character shard (from the key alone: every
+    version of a key sits together) spreads objects over 256 directories, so that no
+    single directory (or S3 prefix) holds millions of entries.
     """
     name = object_name(key)
     shard = hashlib.blake2b(name.encode(), digest_size=1).hexdigest()
-    return f"objects/{shard}/{name}"
+    if token is None:
+        return f"objects/{shard}/{name}"
+    return f"objects/{shard}/{name}-{version_name(token)}"
 
 
 # --------------------------------------------------------------------------- framing
