@@ -13,7 +13,9 @@ and never blocks the event loop that awaits it:
   coroutines run there and are awaited from the caller's loop, which may be any of
   several in one process. Sync filesystems (``memory://``, ...) are wrapped in fsspec's
   own :class:`~fsspec.implementations.asyn_wrapper.AsyncFileSystemWrapper`, which runs
-  each call with :func:`asyncio.to_thread`.
+  each call with :func:`asyncio.to_thread`. Objects larger than one part are streamed to
+  S3 from their frames (:mod:`~storage_scheduler.store._multipart`); elsewhere an object
+  is written with one call, its frames joined.
 
 Writes publish a whole object or nothing: a reader never sees a partial object.
 """
@@ -26,9 +28,10 @@ import functools
 import mmap
 import os
 import stat
+import sys
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -38,6 +41,7 @@ import psutil
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from fsspec.implementations.local import LocalFileSystem
 
+from storage_scheduler.store import _multipart
 from storage_scheduler.store.serialize import Buffer
 
 __all__ = ["MAP_MIN_BYTES", "Backend", "FsspecBackend", "LocalBackend", "open_backend"]
@@ -205,7 +209,8 @@ class FsspecBackend(Backend):
         # s3fs retries timeouts, dropped connections and throttling itself (its
         # ``retries``, 5 by default, with backoff, around every call), and botocore
         # retries under it: our retries on top would multiply theirs.
-        self.retries_itself = self._native and type(fs).__module__.startswith("s3fs")
+        self._s3 = _is_s3fs(fs)
+        self.retries_itself = self._s3
 
     def _limit(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -216,17 +221,25 @@ class FsspecBackend(Backend):
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Await ``afs.<method>(*args, **kwargs)`` on the loop it belongs to."""
+        return await self._run(lambda: getattr(self._afs, method)(*args, **kwargs))
+
+    async def _run(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Await the coroutine ``make()`` on the loop the filesystem belongs to."""
         async with self._limit():
-            coro = getattr(self._afs, method)(*args, **kwargs)
             if not self._native:
-                return await coro
+                return await make()
             # The filesystem's session lives on fsspec's I/O loop; await it from ours.
-            future = asyncio.run_coroutine_threadsafe(coro, self._fs.loop)
+            future = asyncio.run_coroutine_threadsafe(make(), self._fs.loop)
             return await asyncio.wrap_future(future)
 
     async def write(self, path: str, frames: Sequence[Buffer]) -> None:
-        data = b"".join(frames)  # one call, so object stores publish it atomically
-        await self._call("_pipe_file", path, data)
+        if self._s3 and sum(memoryview(f).nbytes for f in frames) > _multipart.PART_BYTES:
+            # Streamed from the frames: no copy of the object (see _multipart).
+            await self._run(lambda: _multipart.upload(self._fs, path, frames))
+            return
+        # One call, so object stores publish it atomically. Other filesystems' files are
+        # not known to stay hidden until closed (memory:// shows them at once).
+        await self._call("_pipe_file", path, b"".join(frames))
 
     async def read(self, path: str, end: int | None = None) -> Buffer:
         data: Buffer = await self._call("_cat_file", path, start=None, end=end)
@@ -257,6 +270,12 @@ class FsspecBackend(Backend):
         # Listings may be cached (s3fs): objects written by other processes must show.
         self._fs.invalidate_cache(base)
         return _sizes(await self._call("_find", base, detail=True))
+
+
+def _is_s3fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is an s3fs filesystem (s3fs is imported if it is)."""
+    s3fs = sys.modules.get("s3fs")
+    return s3fs is not None and isinstance(fs, s3fs.S3FileSystem)
 
 
 def _sizes(listing: dict[str, dict[str, Any]]) -> dict[str, int]:
