@@ -32,7 +32,7 @@ from storage_scheduler._protocol import StorageStatus
 from storage_scheduler.config import parse_storage_options
 from storage_scheduler.store import Store
 from storage_scheduler.store.catalog import Catalog, Entry
-from storage_scheduler.store.leases import keys_leased_by_others
+from storage_scheduler.store.leases import keys_leased_by_others, remove_expired_leases
 
 __all__ = ["storage"]
 
@@ -203,6 +203,7 @@ def gc(
             for key in doomed:
                 catalog.discard(key)
             await catalog.flush()
+            await remove_expired_leases(store)  # left by clusters that did not shut down
         return len(doomed), sum(doomed.values()), len(kept)
 
     n, nbytes, kept = _run(url, storage_options, work)

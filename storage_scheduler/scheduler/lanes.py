@@ -99,6 +99,11 @@ class Lanes:
             for ts in ws.has_what:
                 yield ts.key
 
+    def snapshot(self) -> list[list[TaskState]]:
+        """What each lane holds, as lists that later changes leave alone: a copy of each
+        lane's ``has_what`` in C (a few ms for a million keys), for a thread to read."""
+        return [list(ws.has_what) for ws in self._list]
+
     @property
     def nkeys(self) -> int:
         return sum(len(ws.has_what) for ws in self._list)

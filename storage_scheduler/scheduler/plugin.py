@@ -8,8 +8,8 @@
 
 Notes
 -----
-Hooks run on the scheduler's event loop and do no store I/O; catalog writes, leases and
-deletions run in one background task.
+Hooks run on the scheduler's event loop and do no store I/O; catalog writes and deletions
+run in one background task, the lease in another (no failure of the first stops it).
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     counters: Counters
     history: History
     _background: asyncio.Task[None] | None
+    _lease_task: asyncio.Task[None] | None
     #: What workers must read back from ``probes/<catalog writer id>``.
     _nonce: str
 
@@ -127,6 +128,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.counters = Counters()
         self.history = History()
         self._background = None
+        self._lease_task = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -161,6 +163,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["storage_tokens"] = self.lanes.lookup
         install_policies(scheduler, self.settings)
         self._background = asyncio.create_task(self._maintain())
+        self._lease_task = asyncio.create_task(self.retention.keep_lease())
         self.started = True
         try:
             await self._push_worker_plugin()
@@ -222,10 +225,11 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         if not self.started:
             return
         self.started = False
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
+        for task in (self._background, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         try:
             await self.retention.close()
             await probe.forget_nonce(self.store, self.catalog.writer_id)
@@ -250,7 +254,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.retention.restart()
 
     async def _maintain(self) -> None:
-        """Background: write catalog changes and the lease, delete doomed objects."""
+        """Background: write catalog changes, delete doomed objects."""
         failing = False
         while True:
             await asyncio.sleep(self.settings.flush_interval)
