@@ -152,7 +152,7 @@ async def test_big_lease_does_not_block_the_loop(tmp_path: Path) -> None:
         writer = LeaseWriter(store, "big")
         reader = LeaseReader()
         monitor = LoopMonitor()
-        await writer.publish([held])
+        await writer.publish([list(held)])
         assert len(writer.parts) == 10
         leased = await reader.leased(store)
         assert ("array-abc", 999_999, 999_999 % 7) in leased
@@ -162,7 +162,7 @@ async def test_big_lease_does_not_block_the_loop(tmp_path: Path) -> None:
         # Incremental: new keys go to a new part; the others are neither rewritten nor
         # decoded again.
         cached = dict(reader._parts)
-        await writer.publish([held, ["new"]])
+        await writer.publish([list(held), ["new"]])
         assert len(writer.parts) == 11
         start = time.perf_counter()
         leased = await reader.leased(store)

@@ -184,7 +184,7 @@ class Retention:
         ):
             start = time.monotonic()
             try:
-                await self.lease.publish(self.lanes.snapshot())
+                await self.lease.publish(await self.lanes.snapshot())
                 self._lease_signature = signature
             except Exception as e:
                 error = e
