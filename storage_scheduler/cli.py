@@ -40,7 +40,7 @@ from storage_scheduler.store.inventory import (
     take_inventory,
     verify_object,
 )
-from storage_scheduler.store.leases import keys_leased_by_others
+from storage_scheduler.store.leases import keys_leased_by_others, remove_expired_leases
 
 __all__ = ["storage"]
 
@@ -220,6 +220,7 @@ def gc(
             # Left by writers that died; with --all and no live cluster, whatever their age.
             age = 0.0 if everything and not protected else PARTIAL_WRITE_AGE
             swept = await sweep_partial_writes(store, older_than=age)
+            await remove_expired_leases(store)  # left by clusters that did not shut down
         return len(doomed), sum(doomed.values()), len(kept), swept
 
     n, nbytes, kept, swept = _run(url, storage_options, work)

@@ -94,8 +94,8 @@ async def test_forged_segments_and_leases_are_ignored(tmp_path: Path) -> None:
             await loaded.load()
         assert set(loaded.entries) == {"real"}
         assert "Ignoring catalog segment" in log.getvalue()
-        await write_lease(forger, "leases/forged", ["real"], expires=2e9)
-        await write_lease(signed, "leases/honest", ["other"], expires=2e9)
+        await write_lease(forger, "forged", ["real"])
+        await write_lease(signed, "honest", ["other"])
         assert await keys_leased_by_others(signed, own_lease=None) == {"other"}
     finally:
         signed.close()

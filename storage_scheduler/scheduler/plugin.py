@@ -8,14 +8,12 @@
 
 Notes
 -----
-Hooks run on the scheduler's event loop and do no store I/O; catalog writes, leases and
-deletions run in one background task.
+Hooks run on the scheduler's event loop and do no store I/O; catalog writes and deletions
+run in one background task, the lease in another (no failure of the first stops it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -108,7 +106,6 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     retention: Retention
     counters: Counters
     history: History
-    _background: asyncio.Task[None] | None
     #: What workers must read back from ``probes/<catalog writer id>``.
     _nonce: str
 
@@ -126,7 +123,6 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.started = False
         self.counters = Counters()
         self.history = History()
-        self._background = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -162,7 +158,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["storage_status"] = self.storage_status
         scheduler.handlers["storage_tokens"] = self.lanes.lookup
         install_policies(scheduler, self.settings)
-        self._background = asyncio.create_task(self._maintain())
+        self.retention.start(
+            lambda: self.history.sample(self.counters.stored_bytes, scheduler.workers.values())
+        )
         self.started = True
         try:
             await self._push_worker_plugin()
@@ -224,10 +222,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         if not self.started:
             return
         self.started = False
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
+        await self.retention.stop()
         try:
             await self.retention.close()
             await probe.forget_nonce(self.store, self.catalog.writer_id)
@@ -250,29 +245,6 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.lanes.clear()
         self.reuse.loaders.clear()
         self.retention.restart()
-
-    async def _maintain(self) -> None:
-        """Background: write catalog changes and the lease, delete doomed objects."""
-        failing = False
-        while True:
-            await asyncio.sleep(self.settings.flush_interval)
-            self.history.sample(self.counters.stored_bytes, self.scheduler.workers.values())
-            try:
-                await self.retention.maintain()
-            except Exception as e:
-                if not failing:  # once per outage, not every interval
-                    logger.warning(
-                        "Cannot update the catalog in %s (will retry): %s",
-                        redact_url(self.store_settings.url),
-                        e,
-                    )
-                failing = True
-            else:
-                if failing:
-                    logger.warning(
-                        "The catalog in %s is up to date again", redact_url(self.store_settings.url)
-                    )
-                failing = False
 
     # ------------------------------------------------------------------ hooks
 

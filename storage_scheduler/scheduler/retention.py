@@ -6,21 +6,25 @@ needs them, when stock Dask frees them from RAM (``gc: intermediates``); results
 until ``dask storage gc``. A cluster sharing the store with others publishes the keys it
 holds in a lease (``leases/<id>``) and never deletes a key in another live cluster's lease.
 
-Hooks only update sets in memory; :meth:`Retention.maintain` writes catalog changes and
-the lease and deletes doomed objects, from the plugin's background task.
+Hooks only update sets in memory. :meth:`Retention.maintain` writes catalog changes and
+deletes doomed objects, from the plugin's background task; :meth:`Retention.update_lease`
+renews the lease from a task of its own, so that no failing deletion or flush (a bucket
+that refuses deletes, a full disk) ever stops the renewal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from storage_scheduler import _compat
 from storage_scheduler.store import Store
 from storage_scheduler.store.catalog import Catalog
-from storage_scheduler.store.leases import LEASES, keys_leased_by_others, write_lease
+from storage_scheduler.store.inventory import sweep_partial_writes
+from storage_scheduler.store.leases import LEASE_TTL, LeaseReader, LeaseWriter
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -32,11 +36,12 @@ __all__ = ["Retention"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a cluster's lease protects the keys it holds from other clusters' deletions;
-#: renewed at half-life while the scheduler runs.
-LEASE_TTL = 60.0
-#: A big lease (over 10,000 keys) is rewritten at most this often (seconds).
-LEASE_MIN_INTERVAL = 2.0
+#: The lease is renewed when this much of its ``ttl`` has passed since it was written.
+RENEW_AFTER = LEASE_TTL / 4
+#: Updating the lease's key list takes at most about 1/LEASE_COST_RATIO of the time: after
+#: an update that took t seconds, the next one waits (LEASE_COST_RATIO - 1) * t. Measured
+#: (benchmarks/lifecycle.py): ~1 s of thread time to list 1M held keys anew.
+LEASE_COST_RATIO = 10.0
 #: Catalog segments a running scheduler writes before folding them into one snapshot.
 COMPACT_EVERY = 1000
 
@@ -61,9 +66,14 @@ class Retention:
     doomed: set[tuple[Any, str | None]]
     #: Stored objects deleted by the lifecycle policy, since start.
     deleted_total: int
-    #: (keys, bytes) held by the lanes when the lease was last written.
+    #: What this cluster holds, published for other clusters and tools.
+    lease: LeaseWriter
+    #: Other clusters' leases, read before deleting.
+    leases: LeaseReader
+    #: (keys, bytes) held by the lanes when the lease's key list was last written.
     _lease_signature: tuple[int, int]
-    _lease_expires: float
+    #: No key-list update before this time (time.monotonic()): bounds its cost.
+    _lease_not_before: float
 
     def __init__(
         self,
@@ -73,6 +83,7 @@ class Retention:
         lanes: Lanes,
         settings: SchedulerSettings,
     ):
+        self._tasks: list[asyncio.Task[None]] = []
         self.scheduler = scheduler
         self.store = store
         self.catalog = catalog
@@ -81,12 +92,14 @@ class Retention:
         self.wanted = set()
         self.doomed = set()
         self.deleted_total = 0
+        self.lease = LeaseWriter(store, catalog.writer_id, tasks=True)
+        self.leases = LeaseReader()
         self._lease_signature = (-1, -1)
-        self._lease_expires = 0.0
+        self._lease_not_before = 0.0
 
     @property
     def lease_name(self) -> str:
-        return f"{LEASES}/{self.catalog.writer_id}"
+        return self.lease.name
 
     # ------------------------------------------------------------------ hooks
 
@@ -139,32 +152,93 @@ class Retention:
     # -------------------------------------------------------------- background
 
     async def maintain(self) -> None:
-        """Delete doomed objects, write catalog changes, renew the lease."""
+        """Delete doomed objects, write catalog changes (not the lease: see
+        :meth:`update_lease`)."""
         if self.doomed:
             await self._delete_doomed()
         await self.catalog.flush()
         if self.catalog.segments_since_compaction > COMPACT_EVERY:
             await self.catalog.compact()  # a long-running cluster flushes many segments
-        # What the lanes hold, cheaply: the key set itself is built only when the lease is
-        # rewritten (it can hold millions of keys; this runs every flush interval).
+
+    def start(self, each_round: Callable[[], None]) -> None:
+        """Start the background tasks: catalog and deletions every ``flush-interval``
+        (calling ``each_round`` first), and the lease, in a task of its own: no failure of
+        :meth:`maintain` may stop its renewal."""
+        self._tasks = [
+            asyncio.create_task(self._every(self.maintain, "update the catalog", each_round)),
+            asyncio.create_task(self._every(self.update_lease, "update this cluster's lease")),
+            asyncio.create_task(self._sweep()),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the background tasks (:meth:`close` then writes what is left)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _every(
+        self,
+        step: Callable[[], Awaitable[None]],
+        what: str,
+        each_round: Callable[[], None] = lambda: None,
+    ) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            each_round()
+            try:
+                await step()
+            except Exception as e:
+                if not failing:  # once per outage, not every interval
+                    logger.warning("Cannot %s in %s (will retry): %s", what, self.store.url, e)
+                failing = True
+            else:
+                if failing:
+                    logger.warning("Could %s in %s again", what, self.store.url)
+                failing = False
+
+    async def _sweep(self) -> None:
+        """Once, at start: remove what writers killed mid-write left behind long ago."""
+        try:
+            await sweep_partial_writes(self.store)
+        except Exception as e:
+            logger.warning("Cannot remove old partial writes from %s: %s", self.store.url, e)
+
+    async def update_lease(self) -> None:
+        """List new held keys in the lease, and renew it when due.
+
+        The key list is updated when what the lanes hold changed, at most
+        1/LEASE_COST_RATIO of the time; the renewal (a small file) happens even when the
+        key list cannot be written.
+        """
+        # What the lanes hold, cheaply: the keys are snapshot only when they changed.
         signature = (self.lanes.nkeys, self.lanes.nbytes)
-        now = time.time()
-        # Rewritten when what the lanes hold changed, and at half-life in any case. A big
-        # lease (it lists every key) is rewritten at most every LEASE_MIN_INTERVAL.
-        changed = signature != self._lease_signature
-        due = now > self._lease_expires - LEASE_TTL / 2
-        throttled = (
-            signature[0] > 10_000 and now < self._lease_expires - LEASE_TTL + LEASE_MIN_INTERVAL
-        )
-        if due or (changed and not throttled):
-            await write_lease(self.store, self.lease_name, list(self.lanes.keys()), now + LEASE_TTL)
-            self._lease_signature = signature
-            self._lease_expires = now + LEASE_TTL
+        error: Exception | None = None
+        if self.lease.lapsed or (
+            signature != self._lease_signature and time.monotonic() >= self._lease_not_before
+        ):
+            start = time.monotonic()
+            try:
+                await self.lease.publish(await self.lanes.snapshot())
+                self._lease_signature = signature
+            except Exception as e:
+                error = e
+            now = time.monotonic()
+            self._lease_not_before = now + (LEASE_COST_RATIO - 1) * (now - start)
+        if time.time() - self.lease.renewed > RENEW_AFTER:
+            await self.lease.renew()
+        if error is not None:
+            raise error
 
     async def _delete_doomed(self) -> None:
+        # Leases first: if they cannot be read, the doomed keys wait for the next round.
+        protected = await self.leases.leased(self.store, own_lease=self.lease_name)
         doomed, self.doomed = self.doomed, set()
-        protected = await keys_leased_by_others(self.store, own_lease=self.lease_name)
-        victims = [kt for kt in doomed if kt[0] not in protected]
+        loop = asyncio.get_running_loop()  # a loop over every doomed key: in a thread
+        victims = await loop.run_in_executor(
+            None, lambda: [kt for kt in doomed if kt[0] not in protected]
+        )
         try:
             await self.store.delete_versions(victims)
         except BaseException:
@@ -174,5 +248,7 @@ class Retention:
 
     async def close(self) -> None:
         """Last catalog changes and deletions; then this cluster protects nothing."""
-        await self.maintain()
-        await self.store.delete_files([self.lease_name])
+        try:
+            await self.maintain()
+        finally:
+            await self.lease.close()

@@ -160,8 +160,13 @@ class TaskTokens:
         return result_token(ts.run_spec, self.version, ts.annotations)
 
     def wanted(self, ts: PlannedTask, memo: dict[Any, str]) -> str:
-        """The token a stored result of ``ts`` must carry to be reused."""
-        return self._lineage(ts, memo) if self.lineage else self.own(ts)
+        """The token a stored result of ``ts`` must carry to be reused (kept in ``memo``)."""
+        if self.lineage:
+            return self._lineage(ts, memo)
+        token = memo.get(ts.key)
+        if token is None:
+            token = memo[ts.key] = self.own(ts)
+        return token
 
     def compared(self, entry: Entry) -> str | None:
         """The token of a stored result that :meth:`wanted` is compared with."""
