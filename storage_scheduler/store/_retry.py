@@ -109,7 +109,8 @@ class Retrier:
                     raise
                 message = redact(f"{op} {where()} failed: {e!r}", self.settings.url)
                 raise StoreError(message) from e
-            if self.outage_since is not None:
+            # Only a read says the store answers reads again (writes may work meanwhile).
+            if outage and self.outage_since is not None:
                 self._outage_ended()
             return result
 
