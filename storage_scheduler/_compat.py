@@ -275,13 +275,20 @@ def finished_metadata(ts: WorkerTaskState) -> dict[str, Any]:
 
 
 class StoreFirstWorkerState(_WorkerState):
-    """Fetch an input from a storage lane whenever one holds it."""
+    """Fetch an input from a storage lane whenever one holds it and is not busy.
+
+    A lane answers ``busy`` while the store does not answer (see
+    :mod:`storage_scheduler.comm`); the worker then asks the scheduler for the key's
+    holders again, and the peers among them are kept, so that the input comes from a
+    peer instead of waiting for the store.
+    """
 
     __slots__ = ()  # layout-compatible: installed by swapping ``__class__``
 
     def _update_who_has(self, who_has: Mapping[Any, Collection[str]]) -> None:
+        busy = self.busy_workers
         super()._update_who_has(
-            {k: [w for w in ws if is_lane(w)] or ws for k, ws in who_has.items()}
+            {k: [w for w in ws if is_lane(w) and w not in busy] or ws for k, ws in who_has.items()}
         )
 
 

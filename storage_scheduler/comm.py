@@ -12,10 +12,13 @@ process register their store. A process with no store for an address (a client t
 never told about the store) gets a fatal connection error at once, and distributed falls
 back to asking the scheduler.
 
-Keys that cannot be read (object deleted behind our back, corrupted, store unreachable)
-are left out of the answer, as a worker that lost a key would, and reported to the
-listeners registered with the store, so that the scheduler drops the lane replica instead
-of sending readers back to it forever.
+Keys whose object is missing or damaged (deleted behind our back, corrupted) are left out
+of the answer, as a worker that lost a key would, and reported to the listeners
+registered with the store, so that the scheduler drops the lane replica instead of
+sending readers back to it forever. A store that does not answer is another matter: the
+store retries for ``retry.outage-window``, and if it still cannot read, the lane answers
+``busy``, as a worker with too many transfers would. The reader then fetches from another
+holder if there is one, or asks this lane again later; nothing is reported lost.
 
 Loaded through the ``distributed.comm.backends`` entry point of this package.
 """
@@ -38,7 +41,7 @@ from distributed.protocol.serialize import Serialized
 
 from storage_scheduler import _compat
 from storage_scheduler._protocol import SCHEME, store_id_of
-from storage_scheduler.store import Store, classify
+from storage_scheduler.store import Store, classify, is_outage
 
 __all__ = ["StorageBackend", "StoreRegistry", "registry"]
 
@@ -166,14 +169,20 @@ class StorageComm(Comm):
             )
         data: dict[Any, Any] = {}
         unreadable: list[Any] = []
+        unavailable: list[BaseException] = []
         for key, result in zip(keys, results, strict=True):
-            if isinstance(result, BaseException):
+            if not isinstance(result, BaseException):
+                data[key] = result
+            elif classify(result) == "unavailable":
+                # Not a lost result: the store (or our access to it) is down. The store
+                # has already warned, once per outage.
+                logger.debug("Cannot read the stored result of %r now: %s", key, result)
+                unavailable.append(result)
+            else:
                 unreadable.append(key)
                 logger.warning(
                     "Cannot read the stored result of %r (%s): %s", key, classify(result), result
                 )
-            else:
-                data[key] = result
         nbytes = sum(
             sum(map(len, v.frames)) if isinstance(v, Serialized) else sizeof(v)
             for v in data.values()
@@ -186,6 +195,16 @@ class StorageComm(Comm):
             registry.bytes_served[who] += nbytes
         if unreadable:
             registry.report_unreadable(self._store_id, unreadable)
+        if unavailable and not data:
+            if not all(map(is_outage, unavailable)):
+                # Refused (permissions, say) rather than waited out: pace the requester,
+                # which asks a busy holder again after 0.15s.
+                await asyncio.sleep(self._store.settings.retry.delay_max)
+            # Busy: try another holder now, this lane later (Worker.gather_dep, and
+            # gather_from_workers for Client.gather and Scheduler.gather).
+            return {"status": "busy"}
+        # Keys left out without a report: the reader asks the scheduler who holds them,
+        # which still names this lane (as when a worker's answer omits a key).
         return {"status": "OK", "data": data}
 
     async def read(self, deserializers: Any = None) -> Any:
@@ -195,10 +214,13 @@ class StorageComm(Comm):
         return await reply
 
     async def close(self) -> None:
-        self._closed = True
+        self.abort()
 
     def abort(self) -> None:
         self._closed = True
+        # A read waiting out a store outage must not outlive its requester.
+        if self._reply is not None and not self._reply.done():
+            self._reply.cancel()
 
     def closed(self) -> bool:
         return self._closed

@@ -183,10 +183,17 @@ class RetryPolicy:
     attempts: int
     delay_min: float
     delay_max: float
+    #: How long (seconds) a read of a stored result keeps retrying while the store does
+    #: not answer, counted from its first failure; 0: ``attempts`` tries only.
+    outage_window: float = 0.0
+
+    def delay(self, i: int) -> float:
+        """Sleep before retry ``i`` (from 0): doubling from ``delay_min``, capped."""
+        return min(self.delay_min * 2.0 ** min(i, 62), self.delay_max)
 
     def delays(self) -> list[float]:
         """Sleep before each retry (one fewer than ``attempts``)."""
-        return [min(self.delay_min * 2**i, self.delay_max) for i in range(self.attempts - 1)]
+        return [self.delay(i) for i in range(self.attempts - 1)]
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,11 @@ class StoreSettings:
             url = default_store_url()
         _validate(url, {"type": "string"}, "storage-scheduler.url")
         retry = cfg["retry"]
+        window = _seconds(retry, "outage-window", "storage-scheduler.retry")
+        if window < 0:
+            raise StorageConfigError(
+                f"storage-scheduler.retry.outage-window must not be negative, got {window}"
+            )
         return cls(
             url=url,
             storage_options={**cfg["storage-options"], **(storage_options or {})},
@@ -245,6 +257,7 @@ class StoreSettings:
                 attempts=retry["attempts"],
                 delay_min=_seconds(retry, "delay-min", "storage-scheduler.retry"),
                 delay_max=_seconds(retry, "delay-max", "storage-scheduler.retry"),
+                outage_window=window,
             ),
             signing_keys=tuple(k.encode() for k in keys if k),
         )

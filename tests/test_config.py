@@ -6,18 +6,22 @@ import subprocess
 import sys
 
 import jsonschema
+import pytest
 import yaml
 
 import dask
 
 import storage_scheduler
-from storage_scheduler import StoreSettings
+from storage_scheduler import StorageConfigError, StoreSettings
 from storage_scheduler.config import default_store_url
 
 HERE = pathlib.Path(storage_scheduler.__file__).parent
 
 
 def test_defaults_loaded() -> None:
+    # From the registered defaults, as a fresh process sees them (gen_cluster tests run
+    # earlier in this process replace the global config with their own copy).
+    dask.config.refresh()
     assert dask.config.get("storage-scheduler.max-concurrency") == 16
     assert dask.config.get("storage-scheduler.url") is None
 
@@ -38,6 +42,16 @@ def test_config_set_overrides() -> None:
     ):
         s = StoreSettings.from_config()
     assert s.url == "memory://x" and s.retry.attempts == 2
+
+
+def test_outage_window() -> None:
+    assert StoreSettings.from_config().retry.outage_window == 60
+    with dask.config.set({"storage-scheduler.retry.outage-window": "2m"}):
+        assert StoreSettings.from_config().retry.outage_window == 120
+    for bad in ("-1s", "soon"):
+        with dask.config.set({"storage-scheduler.retry.outage-window": bad}):
+            with pytest.raises(StorageConfigError, match="outage-window"):
+                StoreSettings.from_config()
     assert StoreSettings.from_config("memory://y").url == "memory://y"
 
 

@@ -72,6 +72,25 @@ def test_worker_state_swap_is_layout_compatible() -> None:
         assert cls.__mro__[1] is wsm.WorkerState
 
 
+def test_store_first_falls_back_to_peers_while_lanes_are_busy() -> None:
+    """A lane that answered busy (store down) is skipped: the refreshed holders keep the
+    peers, and the busy handler asks for that refresh when every known holder is busy."""
+    from storage_scheduler._compat import StoreFirstWorkerState
+
+    lane, peer = "storage://s-lane0", "tcp://127.0.0.1:2"
+    state = wsm.WorkerState(address="tcp://127.0.0.1:1", validate=True)
+    state.__class__ = StoreFirstWorkerState  # what swap_state_class does
+    state.handle_stimulus(
+        wsm.ComputeTaskEvent.dummy("y", who_has={"x": [lane, peer]}, stimulus_id="a")
+    )
+    assert state.tasks["x"].who_has == {lane}
+    state.busy_workers.add(lane)
+    state.handle_stimulus(wsm.RefreshWhoHasEvent(who_has={"x": [lane, peer]}, stimulus_id="b"))
+    assert state.tasks["x"].who_has == {lane, peer}
+    source = inspect.getsource(wsm.WorkerState._handle_gather_dep_busy)
+    assert "busy_workers.add" in source and "RequestRefreshWhoHasMsg" in source
+
+
 def test_comm_handshake_attributes() -> None:
     # connect() reads comm._peer_addr and comm._local_addr after the handshake.
     source = inspect.getsource(__import__("distributed.comm.core", fromlist=["connect"]).connect)

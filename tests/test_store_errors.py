@@ -214,7 +214,8 @@ async def test_classify_unavailable_directory(read_only_dir: Path) -> None:
 
 async def test_classify_unavailable_s3() -> None:
     port = free_port()  # nothing listens here
-    with dask.config.set({"storage-scheduler.retry.attempts": 1}):
+    no_retries = {"storage-scheduler.retry.attempts": 1, "storage-scheduler.retry.outage-window": 0}
+    with dask.config.set(no_retries):
         store = Store.from_url(
             "s3://bucket/prefix",
             endpoint_url=f"http://127.0.0.1:{port}",
@@ -267,7 +268,11 @@ async def test_one_retry_layer(store_url: tuple[str, dict[str, Any]]) -> None:
             calls.append(path)
             raise ConnectionResetError("connection reset by peer")
 
-    retry = {"storage-scheduler.retry.attempts": 3, "storage-scheduler.retry.delay-min": "1ms"}
+    retry = {
+        "storage-scheduler.retry.attempts": 3,
+        "storage-scheduler.retry.delay-min": "1ms",
+        "storage-scheduler.retry.outage-window": 0,  # the short retries only
+    }
     with dask.config.set(retry):
         store = FlakyReads(Store.from_url(url, **options).settings)
     with pytest.raises(ConnectionResetError):

@@ -244,6 +244,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         # real workers. Stored results stay in the store and the catalog.
         self.lanes.clear()
         self.reuse.loaders.clear()
+        self.reuse.retrying.clear()
         self.retention.restart()
 
     # ------------------------------------------------------------------ hooks
@@ -306,13 +307,21 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     # ------------------------------------------------------------------ handlers
 
     def handle_unreadable(
-        self, keys: list[Any], stimulus_id: str, worker: str | None = None
+        self, keys: list[Any], stimulus_id: str, worker: str | None = None, outage: bool = False
     ) -> None:
-        """A worker could not read these keys from their lanes (stream op)."""
-        self.drop_unreadable(keys, stimulus_id=stimulus_id)
+        """A worker could not read these keys (stream op): their objects are missing or
+        damaged, or (``outage``) the store did not answer, which loses nothing."""
+        if outage:
+            self.reuse.load_again(keys)
+        else:
+            self.drop_unreadable(keys, stimulus_id=stimulus_id)
 
     def drop_unreadable(self, keys: list[Any], stimulus_id: str | None = None) -> None:
-        """Forget the lane replicas of keys whose objects cannot be read.
+        """Forget the lane replicas of keys whose objects are missing or damaged.
+
+        Only for a verdict on the objects (see :func:`~storage_scheduler.store.classify`),
+        never for a store that does not answer: that would recompute intact results, for
+        every cluster that shares the catalog.
 
         A key left with no holder is released, which recomputes it if anything still
         wants it (what ``remove_worker`` does for a lost worker's keys).

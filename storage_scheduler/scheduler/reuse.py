@@ -256,6 +256,8 @@ class Reuse:
     #: Requested keys running as loaders: their own spec and dependencies, kept so that
     #: they can be computed after all if loading fails, and the token they load.
     loaders: dict[Any, tuple[Any, list[TaskState], str | None]]
+    #: Loaders whose store did not answer: rescheduled as loaders, not computed.
+    retrying: set[Any]
 
     def __init__(self, scheduler: Scheduler, lanes: Lanes, catalog: Catalog, tokens: TaskTokens):
         self.scheduler = scheduler
@@ -264,6 +266,7 @@ class Reuse:
         self.tokens = tokens
         self.reused_total = 0
         self.loaders = {}
+        self.retrying = set()
 
     def on_update_graph(self, keys: Collection[Any]) -> dict[Any, str | None]:
         """Reuse what can be reused for a new graph; return the tokens of the stored
@@ -319,16 +322,25 @@ class Reuse:
         _compat.set_run_spec(ts, spec)
         _compat.attach_dependencies(ts, [d for d in deps if d.key in self.scheduler.tasks])
 
+    def load_again(self, keys: Iterable[Any]) -> None:
+        """These loaders are about to fail because the store did not answer: keep them
+        (rescheduled, they load again) rather than computing what the store holds."""
+        self.retrying.update(k for k in keys if k in self.loaders)
+
     def loader_failed(self, key: Any) -> None:
-        """Loading failed (or its worker died): make the key a normal task again."""
-        if key in self.loaders:
-            token = self.loaders[key][2]
+        """Loading failed (or its worker died): make the key a normal task again, unless
+        the store merely did not answer. The catalog entry stays either way: an object
+        found missing or damaged was reported (and discarded) before the failure."""
+        if key in self.retrying:
+            self.retrying.discard(key)
+            logger.debug("Loading %r again: the store did not answer", key)
+        elif key in self.loaders:
             self._restore(key)
-            self.catalog.discard(key, token)
             logger.info("Computing %r: its stored result could not be loaded", key)
 
     def forgotten(self, key: Any) -> None:
         self.loaders.pop(key, None)
+        self.retrying.discard(key)
 
     def loader_finished(self, key: Any) -> None:
         """The result is loaded: the key becomes its original task again, in memory, like

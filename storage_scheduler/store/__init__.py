@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from storage_scheduler.store._errors import classify
+from storage_scheduler.store._errors import classify, is_outage
 from storage_scheduler.store._store import (
     LATENCY_BUCKETS,
     LatencyHistogram,
@@ -18,4 +18,11 @@ from storage_scheduler.store._store import (
     StoreCounters,
 )
 
-__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "Store", "StoreCounters", "classify"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "LatencyHistogram",
+    "Store",
+    "StoreCounters",
+    "classify",
+    "is_outage",
+]

@@ -5,7 +5,9 @@ asyncio timeouts). Callers should not have to know those: the scheduler wants to
 whether a result is *missing* (recompute it), *damaged* (recompute it, and the stored
 bytes must not be trusted) or whether the store is *unavailable* (recomputing does not
 fix the store; retry later or give up). The store's retry layer asks the narrower
-question of whether repeating the very same call may succeed (:func:`is_transient`).
+question of whether repeating the very same call may succeed (:func:`is_transient`);
+readers ask whether the store is down for now (:func:`is_outage`), to wait for it or read
+from another holder instead.
 """
 
 from __future__ import annotations
@@ -20,15 +22,29 @@ from storage_scheduler._exceptions import (
     StoreUnavailableError,
 )
 
-__all__ = ["Outcome", "classify", "describe", "is_transient"]
+__all__ = ["Outcome", "classify", "describe", "is_outage", "is_transient"]
 
 #: See :func:`classify`.
 Outcome = Literal["missing", "damaged", "unavailable"]
 
-#: Errors worth another try: the operation may succeed if repeated.
+#: Errors worth another try: the operation may succeed if repeated. EBUSY and EREMOTEIO
+#: are what s3fs makes of throttling (503 SlowDown) and 500 InternalError.
 _TRANSIENT_ERRNOS = frozenset(
-    {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EINTR}
+    {
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.EINTR,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.EREMOTEIO,
+    }
 )
+#: botocore's connection failures, which s3fs raises as they are once its own retries
+#: are spent; matched by name so that botocore need not be installed.
+_TRANSIENT_BOTOCORE = frozenset({"HTTPClientError", "ConnectionError"})
 #: Errnos that say the bytes read are wrong, rather than that reading failed.
 _DAMAGED_ERRNOS = frozenset({errno.EBADMSG})
 
@@ -74,10 +90,31 @@ def classify(exc: BaseException) -> Outcome:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether repeating the operation that raised ``exc`` may succeed."""
+    """Whether repeating the operation that raised ``exc`` may succeed: the store did
+    not answer (connection errors, timeouts, throttling, server errors).
+
+    Examples
+    --------
+    >>> is_transient(ConnectionResetError())
+    True
+    >>> is_transient(OSError(errno.ENOSPC, "No space left on device"))
+    False
+    """
     if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
-    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    return any(
+        cls.__module__ == "botocore.exceptions" and cls.__name__ in _TRANSIENT_BOTOCORE
+        for cls in type(exc).__mro__
+    )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store is down for now (rather than that an object is
+    missing or damaged, or that access is refused): a reader should try another holder
+    or try again later, and nobody should treat the stored result as lost."""
+    return isinstance(exc, StoreUnavailableError) or is_transient(exc)
 
 
 def describe(exc: BaseException) -> str:

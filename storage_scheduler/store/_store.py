@@ -30,7 +30,6 @@ from distributed.protocol.serialize import Serialized
 from storage_scheduler._exceptions import (
     MissingObjectError,
     StorageConfigError,
-    StoreError,
     UntrustedObjectError,
 )
 from storage_scheduler.config import StoreSettings, redact, redact_url
@@ -42,7 +41,7 @@ from storage_scheduler.store._backends import (
     open_backend,
 )
 from storage_scheduler.store._counters import LATENCY_BUCKETS, LatencyHistogram, StoreCounters
-from storage_scheduler.store._errors import is_transient
+from storage_scheduler.store._retry import Retrier
 
 __all__ = ["LATENCY_BUCKETS", "MAP_MIN_BYTES", "LatencyHistogram", "Store", "StoreCounters"]
 
@@ -82,6 +81,8 @@ class Store:
     _executor: ThreadPoolExecutor
     #: Objects and bytes written and read through this instance.
     counters: StoreCounters
+    #: Retries, and the state of an outage.
+    _retrier: Retrier
 
     def __init__(self, settings: StoreSettings):
         self.settings = settings
@@ -100,6 +101,9 @@ class Store:
         )
         self._backend = open_backend(fs, self.root, self._executor, settings.max_concurrency)
         self.counters = StoreCounters()
+        # One retry layer: s3fs retries itself (and botocore under it), so only the
+        # outage window applies on top of it.
+        self._retrier = Retrier(settings, self.url, retries_itself=self._backend.retries_itself)
 
     @classmethod
     def from_url(cls, url: str | None = None, **storage_options: Any) -> Store:
@@ -141,24 +145,12 @@ class Store:
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _retrying(self, op: str, path: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn``, retrying transient errors with capped backoff; translate the rest."""
-        # One retry layer: s3fs retries itself (and botocore under it); ours on top would
-        # multiply the attempts and the time an outage takes to show. Elsewhere: only ours.
-        delays = [] if self._backend.retries_itself else self.settings.retry.delays()
-        for attempt in range(len(delays) + 1):
-            try:
-                return await fn()
-            except Exception as e:
-                if attempt < len(delays) and is_transient(e):
-                    logger.debug("%s %s failed (%r); retrying", op, self.where(path), e)
-                    await asyncio.sleep(delays[attempt])
-                    continue
-                if isinstance(e, OSError):
-                    raise
-                message = redact(f"{op} {self.where(path)} failed: {e!r}", self.settings.url)
-                raise StoreError(message) from e
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _retrying(
+        self, op: str, path: str, fn: Callable[[], Awaitable[T]], *, outage: bool = False
+    ) -> T:
+        """Run ``fn``, retrying transient errors; with ``outage``, for up to
+        ``retry.outage-window`` (see :class:`~storage_scheduler.store._retry.Retrier`)."""
+        return await self._retrier.run(op, lambda: self.where(path), fn, outage=outage)
 
     # One attempt each, for _retrying to repeat (and for tests to make flaky).
     async def _write(self, path: str, frames: list[serialize.Buffer]) -> None:
@@ -239,7 +231,7 @@ class Store:
         start = time.perf_counter()
         try:
             try:
-                data = await self._retrying("read", path, lambda: self._read(path))
+                data = await self._retrying("read", path, lambda: self._read(path), outage=True)
             except FileNotFoundError as e:
                 raise MissingObjectError(
                     errno.ENOENT, f"no stored result for key {key!r}", where

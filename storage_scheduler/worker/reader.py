@@ -19,6 +19,8 @@ from distributed import Reschedule
 from distributed.utils import sync
 from distributed.worker import get_worker
 
+from storage_scheduler.store import classify, is_outage
+
 if TYPE_CHECKING:
     from distributed import Worker
 
@@ -27,12 +29,14 @@ __all__ = ["is_loader", "load_stored", "report_unreadable"]
 logger = logging.getLogger(__name__)
 
 
-def report_unreadable(worker: Worker, keys: list[Any]) -> None:
-    """Tell the scheduler that the store could not serve ``keys`` (stream op)."""
+def report_unreadable(worker: Worker, keys: list[Any], outage: bool = False) -> None:
+    """Tell the scheduler that the store could not serve ``keys`` (stream op): their
+    objects are missing or damaged, or (``outage``) the store does not answer for now."""
     worker.batched_send(
         {
             "op": "storage-unreadable",
             "keys": keys,
+            "outage": outage,
             "stimulus_id": f"storage-unreadable-{time.time()}",
         }
     )
@@ -43,9 +47,11 @@ def load_stored(key: Any, token: str | None = None) -> Any:
 
     The scheduler gives a stored key that a client asks for this body instead of its own
     (see :mod:`storage_scheduler.scheduler.reuse`). It runs in a worker thread. If the
-    object cannot be read (deleted, damaged, store down), the key is reported unreadable
-    and the task rescheduled; the scheduler then restores the original task and its
-    dependencies, and the result is computed instead. ``token`` is the token of the result
+    object is missing or damaged, the key is reported unreadable and the task
+    rescheduled; the scheduler then restores the original task and its dependencies, and
+    the result is computed instead. If the store does not answer (for
+    ``retry.outage-window``), the task is rescheduled as it is: it loads again, later or
+    elsewhere, and the stored result is not given up. ``token`` is the token of the result
     the scheduler decided to reuse: an object with another one (another cluster's result
     under the same key) is not loaded.
     """
@@ -58,8 +64,16 @@ def load_stored(key: Any, token: str | None = None) -> Any:
     try:
         value = sync(worker.loop, plugin.store.get, key, token)
     except OSError as e:  # StoreError is one too
-        logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
-        worker.loop.add_callback(report_unreadable, worker, [key])
+        outcome = classify(e)
+        if outcome != "unavailable":
+            logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
+            # Queued on the worker's stream ahead of the reschedule message.
+            worker.loop.add_callback(report_unreadable, worker, [key])
+        elif is_outage(e):  # the store has warned once for the outage
+            logger.info("Cannot load the stored result of %r now (%s); will try again", key, e)
+            worker.loop.add_callback(report_unreadable, worker, [key], True)
+        else:  # refused (permissions): compute it, keep the stored result
+            logger.warning("Cannot load the stored result of %r (%s); computing it instead", key, e)
         raise Reschedule() from e
     plugin.loaded(value)
     return value
