@@ -53,12 +53,14 @@ SCHEME = "storage"
 class StoredResult(TypedDict, total=False):
     """Task-finished metadata of a result the store holds.
 
-    ``nbytes`` and ``token`` when the worker wrote it; ``loaded`` alone when the task
-    read it back from the store (it is there already).
+    ``nbytes``, ``token`` and ``created`` (the write's time, in the object's header: it
+    tells this write apart from any other of the same object) when the worker wrote it;
+    ``loaded`` alone when the task read it back from the store (it is there already).
     """
 
     nbytes: int
     token: str
+    created: float
     loaded: bool
 
 
@@ -131,15 +133,23 @@ class StorageStatus(StorageInfo):
 # ---------------------------------------------------------------------- lanes
 
 
-def store_id_for(url: str) -> str:
-    """A short, stable identifier of a store URL, used in lane addresses.
+def store_id_for(url: str, cluster: str = "") -> str:
+    """A short identifier of a store as one cluster uses it, for its lane addresses.
+
+    ``cluster`` tells apart clusters that share a store: lane reads look up, in the
+    process they run in, the tokens of the results *their* cluster holds. Two in-process
+    clusters on one store (two ``LocalCluster(processes=False)`` on the default store, say)
+    would otherwise read each other's versions of a key.
 
     Examples
     --------
     >>> store_id_for("s3://bucket/prefix")
     'b8f008cf'
+    >>> store_id_for("s3://bucket/prefix", "cluster-2") != store_id_for("s3://bucket/prefix")
+    True
     """
-    return hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
+    salt = f"\0{cluster}" if cluster else ""
+    return hashlib.blake2b((url + salt).encode(), digest_size=4).hexdigest()
 
 
 def lane_addresses(store_id: str, n: int) -> list[str]:

@@ -15,10 +15,10 @@ back to asking the scheduler.
 Keys whose object is missing or damaged (deleted behind our back, corrupted) are left out
 of the answer, as a worker that lost a key would, and reported to the listeners
 registered with the store, so that the scheduler drops the lane replica instead of
-sending readers back to it forever. A store that does not answer is another matter: the
-store retries for ``retry.outage-window``, and if it still cannot read, the lane answers
-``busy``, as a worker with too many transfers would. The reader then fetches from another
-holder if there is one, or asks this lane again later; nothing is reported lost.
+sending readers back to it forever. A store that does not answer is another matter: after
+the store's short retries, the lane answers ``busy``, as a worker with too many transfers
+would. The reader then fetches from another holder if there is one, or asks this lane
+again later (so it waits out the outage); nothing is reported lost.
 
 Loaded through the ``distributed.comm.backends`` entry point of this package.
 """
@@ -164,8 +164,11 @@ class StorageComm(Comm):
         # Shows in Dask's fine performance metrics as gather-dep / store-read.
         with context_meter.meter("store-read", "seconds"):
             tokens = await registry.tokens(self._store_id, keys)
+            # Not patient: while the store is down, the requester had better try a peer
+            # that holds the key (busy, below) than wait out the outage here.
             results = await asyncio.gather(
-                *(read(key, tokens.get(key)) for key in keys), return_exceptions=True
+                *(read(key, tokens.get(key), patient=False) for key in keys),
+                return_exceptions=True,
             )
         data: dict[Any, Any] = {}
         unreadable: list[Any] = []

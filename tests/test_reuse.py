@@ -266,8 +266,12 @@ async def test_two_clusters_sharing_a_store(tmp_path: Path) -> None:
             assert p2.reuse.reused_total == 1
             # "shared" was asked for in cluster 1, so the catalog keeps it anyway; delete it
             # as cluster 2's policy would an intermediate: cluster 1's lease must stop it.
-            p2.retention.doomed.add(("shared", await stored_token(store, "shared")))
-            await p2.retention.maintain()
+            token = await stored_token(store, "shared")
+            entry = p2.catalog.get("shared", token)
+            assert entry is not None
+            p2.catalog.discard("shared", token)
+            p2.retention.doomed["shared", token] = (0, entry)
+            await p2.retention.delete_doomed(now=True)
             assert not p2.retention.doomed and p2.retention.deleted_total == 0
         assert "shared" in await listing(url)
         assert await shared == 2
@@ -501,3 +505,20 @@ async def test_a_later_run_keeps_what_an_earlier_run_asked_for(tmp_path: Path) -
     store = Store.from_url(url)
     assert (await cataloged_keys(store)) >= {"y", "z"}
     store.close()
+
+
+@gen_test(timeout=90)
+async def test_two_in_process_clusters_read_their_own_versions(tmp_path: Path) -> None:
+    """Two clusters in one process on one store (two LocalCluster(processes=False) on the
+    default store): each one's lane reads find its own result of a shared key."""
+    url = str(tmp_path / "store")
+    a, b = delayed(code_a)(dask_key_name="k"), delayed(code_b)(dask_key_name="k")
+    async with storage_cluster(url) as (c1, s1, p1), storage_cluster(url) as (c2, s2, p2):
+        f1, f2 = c1.compute(a), c2.compute(b)
+        assert await f1 == "a" and await f2 == "b"
+        for c, s in [(c1, s1), (c2, s2)]:  # only the store holds k now
+            await c.retire_workers(
+                [ws.address for ws in s.tasks["k"].who_has if ws in s.workers.values()]
+            )
+        assert await c1.gather(f1) == "a" and await c2.gather(f2) == "b"
+        assert p1.store_id != p2.store_id

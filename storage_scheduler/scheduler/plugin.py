@@ -144,7 +144,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             store.close()
             raise
         self.store, self.catalog = store, catalog
-        self.store_id = store_id_for(self.store_settings.url)
+        self.store_id = store_id_for(self.store_settings.url, catalog.writer_id)
         self.lanes = Lanes(scheduler, self.store_id, self.settings.lanes)
         tokens = TaskTokens(
             self.settings.worker.version, self.settings.lineage, catalog, self.lanes.tokens.get
@@ -293,7 +293,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             self.counters.stored_bytes += stored["nbytes"]
             lineage = self.reuse.tokens.recorded(ts, token)
             keep = self.retention.keeps(key)
-            self.catalog.add(key, token, stored["nbytes"], kept=keep, lineage=lineage)
+            created = stored.get("created")
+            self.catalog.add(key, token, stored["nbytes"], keep, lineage, created)
             self.retention.stored(key, token)
 
     def update_graph(

@@ -21,8 +21,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from storage_scheduler import _compat
+from storage_scheduler._exceptions import IntegrityError
 from storage_scheduler.store import Store
-from storage_scheduler.store.catalog import Catalog
+from storage_scheduler.store.catalog import Catalog, Entry
 from storage_scheduler.store.inventory import sweep_partial_writes
 from storage_scheduler.store.leases import LEASE_TTL, LeaseReader, LeaseWriter
 
@@ -42,6 +43,8 @@ RENEW_AFTER = LEASE_TTL / 4
 #: an update that took t seconds, the next one waits (LEASE_COST_RATIO - 1) * t. Measured
 #: (benchmarks/lifecycle.py): ~1 s of thread time to list 1M held keys anew.
 LEASE_COST_RATIO = 10.0
+#: Longest wait of a closing scheduler for other clusters' rounds (seconds).
+CLOSE_WAIT_MAX = 10.0
 #: Catalog segments a running scheduler writes before folding them into one snapshot.
 COMPACT_EVERY = 1000
 
@@ -62,8 +65,14 @@ class Retention:
     settings: SchedulerSettings
     #: Keys a client asked for (kept in the store when forgotten).
     wanted: set[Any]
-    #: Stored results (key, token) whose objects are to be deleted.
-    doomed: set[tuple[Any, str | None]]
+    #: Stored results (key, token) whose objects are to be deleted: the maintenance round
+    #: in which each was doomed, and its catalog entry (whose ``created`` is the time its
+    #: object was written: the object's identity).
+    doomed: dict[tuple[Any, str | None], tuple[int, Entry]]
+    #: Maintenance rounds since start.
+    rounds: int
+    #: How long closing waits before deleting results doomed in the last round.
+    close_wait: float
     #: Stored objects deleted by the lifecycle policy, since start.
     deleted_total: int
     #: What this cluster holds, published for other clusters and tools.
@@ -90,7 +99,9 @@ class Retention:
         self.lanes = lanes
         self.settings = settings
         self.wanted = set()
-        self.doomed = set()
+        self.doomed = {}
+        self.rounds = 0
+        self.close_wait = min(2 * settings.flush_interval, CLOSE_WAIT_MAX)
         self.deleted_total = 0
         self.lease = LeaseWriter(store, catalog.writer_id, tasks=True)
         self.leases = LeaseReader()
@@ -136,11 +147,11 @@ class Retention:
         if entry is None or entry.kept or self.settings.gc != "intermediates" or self.keeps(key):
             return
         self.catalog.discard(key, token)
-        self.doomed.add((key, token))
+        self.doomed[key, token] = (self.rounds, entry)
 
     def stored(self, key: Any, token: str | None) -> None:
         """``key`` was stored again: a deletion still pending would remove the new object."""
-        self.doomed.discard((key, token))
+        self.doomed.pop((key, token), None)
 
     def forgotten(self, key: Any) -> None:
         self.released(key)
@@ -154,8 +165,9 @@ class Retention:
     async def maintain(self) -> None:
         """Delete doomed objects, write catalog changes (not the lease: see
         :meth:`update_lease`)."""
+        self.rounds += 1
         if self.doomed:
-            await self._delete_doomed()
+            await self.delete_doomed()
         await self.catalog.flush()
         if self.catalog.segments_since_compaction > COMPACT_EVERY:
             await self.catalog.compact()  # a long-running cluster flushes many segments
@@ -231,24 +243,55 @@ class Retention:
         if error is not None:
             raise error
 
-    async def _delete_doomed(self) -> None:
-        # Leases first: if they cannot be read, the doomed keys wait for the next round.
+    async def delete_doomed(self, now: bool = False) -> None:
+        """Delete the objects of results doomed before the last round (or all, ``now``).
+
+        A round's wait gives every other cluster sharing the store a round of its own to
+        record that it stored or keeps one of them. Spared: what another live cluster
+        leases, what another cluster's catalog records meanwhile, and an object written
+        again since it was doomed (its header's time is not the one doomed).
+        """
+        due = [kt for kt, (r, _) in self.doomed.items() if now or r < self.rounds - 1]
+        if not due:
+            return
+        # Leases and the others' catalog changes first: unread, nothing is deleted.
         protected = await self.leases.leased(self.store, own_lease=self.lease_name)
-        doomed, self.doomed = self.doomed, set()
+        await self.catalog.refresh()
         loop = asyncio.get_running_loop()  # a loop over every doomed key: in a thread
-        victims = await loop.run_in_executor(
-            None, lambda: [kt for kt in doomed if kt[0] not in protected]
+        free = await loop.run_in_executor(
+            None,
+            lambda: [kt for kt in due if kt[0] not in protected and self.catalog.get(*kt) is None],
         )
-        try:
-            await self.store.delete_versions(victims)
-        except BaseException:
-            self.doomed.update(victims)  # try again at the next round
-            raise
+        rewritten = await asyncio.gather(*(self._rewritten(kt) for kt in free))
+        victims = [kt for kt, again in zip(free, rewritten, strict=True) if not again]
+        await self.store.delete_versions(victims)  # on failure: all still doomed, retried
+        gone = set(victims)
+        for key, token in due:
+            _, entry = self.doomed.pop((key, token))
+            if (key, token) not in gone and self.catalog.get(key, token) is None:
+                # Spared: its entry stays in the catalog that every cluster shares.
+                self.catalog.add(key, token, entry.nbytes, entry.kept, entry.lineage, entry.created)
         self.deleted_total += len(victims)
+
+    async def _rewritten(self, result: tuple[Any, str | None]) -> bool:
+        """Whether a doomed result's object was written again since (or is gone)."""
+        key, token = result
+        try:
+            header = await self.store.head(key, token)
+        except FileNotFoundError:
+            return True  # nothing to delete
+        except IntegrityError:
+            return False  # damaged: ours to delete all the same
+        return header.created != self.doomed[result][1].created
 
     async def close(self) -> None:
         """Last catalog changes and deletions; then this cluster protects nothing."""
         try:
+            if any(r >= self.rounds - 1 for r, _ in self.doomed.values()):
+                # Doomed this round: give the other clusters their round to say they want
+                # one of these (the next round would have), then delete what is left.
+                await asyncio.sleep(self.close_wait)
+            await self.delete_doomed(now=True)
             await self.maintain()
         finally:
             await self.lease.close()

@@ -162,20 +162,28 @@ class Store:
     # ------------------------------------------------------------------ the API
 
     async def put(
-        self, key: object, value: object, *, token: str | Callable[[], str] | None = None
+        self,
+        key: object,
+        value: object,
+        *,
+        token: str | Callable[[], str] | None = None,
+        created: float | None = None,
     ) -> int:
         """Store ``value`` as the result of ``key``; return the object's size in bytes.
 
         ``token`` records what produced the value, so that later readers can tell
         whether it is still the result they want; results with different tokens are
         different objects. A callable is called in the thread pool (computing a token is
-        CPU work).
+        CPU work). ``created`` (default: now) tells this write of the object apart from
+        any other.
         """
         counters = self.counters
         counters.writes_in_flight += 1
         start = time.perf_counter()
         try:
-            known, frames = await self._in_thread(_encode, key, value, token, self.settings)
+            known, frames = await self._in_thread(
+                _encode, key, value, token, self.settings, created
+            )
             path = self.path(key, known)
             await self._retrying("write", path, lambda: self._write(path, frames))
         finally:
@@ -205,17 +213,20 @@ class Store:
         """
         return await self._read_verified(key, token, lambda header, payload: (header, payload))
 
-    async def get(self, key: object, token: str | None = None) -> Any:
+    async def get(self, key: object, token: str | None = None, *, patient: bool = True) -> Any:
         """The stored value of ``key`` (unpickles it: only where user data may be loaded);
-        see :meth:`read`."""
+        see :meth:`read`. ``patient``: wait out a store outage for ``retry.outage-window``
+        (else give up after the short retries, when the caller has somewhere else to go)."""
         return await self._read_verified(
-            key, token, lambda _, payload: serialize.decode_value(payload)
+            key, token, lambda _, payload: serialize.decode_value(payload), patient
         )
 
-    async def get_serialized(self, key: object, token: str | None = None) -> Serialized:
+    async def get_serialized(
+        self, key: object, token: str | None = None, *, patient: bool = True
+    ) -> Serialized:
         """The stored value of ``key`` as ``Serialized`` frames, without unpickling."""
         return await self._read_verified(
-            key, token, lambda _, payload: serialize.decode_serialized(payload)
+            key, token, lambda _, payload: serialize.decode_serialized(payload), patient
         )
 
     async def _read_verified(
@@ -223,6 +234,7 @@ class Store:
         key: object,
         token: str | None,
         then: Callable[[serialize.ObjectHeader, memoryview], T],
+        patient: bool = True,
     ) -> T:
         path = self.path(key, token)
         where = self.where(path)
@@ -231,7 +243,7 @@ class Store:
         start = time.perf_counter()
         try:
             try:
-                data = await self._retrying("read", path, lambda: self._read(path), outage=True)
+                data = await self._retrying("read", path, lambda: self._read(path), outage=patient)
             except FileNotFoundError as e:
                 raise MissingObjectError(
                     errno.ENOENT, f"no stored result for key {key!r}", where
@@ -338,7 +350,11 @@ class Store:
 
 
 def _encode(
-    key: object, value: object, token: str | Callable[[], str] | None, settings: StoreSettings
+    key: object,
+    value: object,
+    token: str | Callable[[], str] | None,
+    settings: StoreSettings,
+    created: float | None,
 ) -> tuple[str | None, list[serialize.Buffer]]:
     """The token and the frames of ``value``'s object (in the store's thread pool: tokens
     are CPU work)."""
@@ -349,5 +365,6 @@ def _encode(
         token=token,
         compression=settings.compression,
         signing_key=settings.signing_key,
+        created=created,
     )
     return token, frames

@@ -59,7 +59,8 @@ class Entry:
     token: str | None
     #: Size of the stored object in bytes.
     nbytes: int
-    #: When it was stored (seconds since the epoch).
+    #: When it was stored (seconds since the epoch): the time in its object's header,
+    #: which tells this write of the object apart from any other.
     created: float
     #: A client asked for it (or it is annotated ``storage_keep``): no cluster's lifecycle
     #: policy deletes it; only ``dask storage gc`` does.
@@ -113,6 +114,14 @@ def _decode_segment(data: bytes) -> tuple[list[tuple[Any, Entry]], list[tuple[An
 
 
 _ANY = object()
+
+
+def _segment_time(name: str) -> float:
+    """When a segment was written, from its name (``<time_ns>-<writer>-<seq>.seg``)."""
+    try:
+        return int(name.rsplit("/", 1)[-1].split("-", 1)[0]) / 1e9
+    except ValueError:
+        return float("inf")  # not named by us: its deletions win
 
 
 class Catalog:
@@ -224,9 +233,12 @@ class Catalog:
         nbytes: int,
         kept: bool = False,
         lineage: str | None = None,
+        created: float | None = None,
     ) -> None:
+        """Record a stored result; ``created`` is the time in its object's header."""
         old = self.get(key, token)
-        entry = Entry(token, nbytes, time.time(), kept or (old is not None and old.kept), lineage)
+        kept = kept or (old is not None and old.kept)
+        entry = Entry(token, nbytes, time.time() if created is None else created, kept, lineage)
         self._set(key, entry)
         self._pending[key, token] = entry
 
@@ -289,7 +301,7 @@ class Catalog:
         entries, damaged = await loop.run_in_executor(None, self._replay, blobs, names)
         self._replace(entries)
         if damaged and compact:  # a writer: set them aside for ``rebuild-catalog``
-            await self._quarantine(damaged, dict(zip(names, blobs, strict=True)))
+            await _quarantine(self.store, damaged, dict(zip(names, blobs, strict=True)))
         names = [n for n in names if n not in damaged]
         # Only what was read is replaced (and deleted) by a compaction: a segment that
         # vanished is someone else's business, an untrusted one stays for inspection.
@@ -302,6 +314,41 @@ class Catalog:
         )
         if compact and len(names) > COMPACT_AFTER:
             await self.compact()
+
+    async def refresh(self) -> int:
+        """Replay the segments other schedulers wrote since this catalog read the manifest:
+        what they stored, deleted and keep since. Returns how many segments were read.
+
+        A deleter refreshes first, so that it never deletes a result another cluster
+        recorded meanwhile. Entries are applied in chunks, yielding to the event loop.
+        """
+        seen = set(self._seen_segments)
+        new = [n for n in await self.store.list_files(MANIFEST) if n not in seen]
+        if not new:
+            return 0
+        read = await asyncio.gather(*map(self._read_segment, new))
+        found = [(n, blob) for n, blob in zip(new, read, strict=True) if blob is not None]
+        loop = asyncio.get_running_loop()
+        for name, blob in found:
+            try:
+                added, deleted = await loop.run_in_executor(None, _decode_segment, blob)
+            except Exception as e:  # quarantined by the next scheduler that starts
+                logger.warning("Skipping unreadable catalog segment %s: %s", name, e)
+                continue
+            written = _segment_time(name)
+            for i, (key, entry) in enumerate(added):
+                mine = self.get(key, entry.token)
+                if mine is None or mine.created <= entry.created:
+                    self._set(key, replace(entry, kept=entry.kept or bool(mine and mine.kept)))
+                if i % 10_000 == 9_999:
+                    await asyncio.sleep(0)
+            for key, token in deleted:
+                # Not a result stored again after the deletion was recorded.
+                for entry in self.versions(key):
+                    if (token is _ANY or entry.token == token) and entry.created <= written:
+                        self._remove(key, entry.token)
+            self._seen_segments.append(name)
+        return len(found)
 
     async def _read_segment(self, name: str) -> bytes | None:
         try:
@@ -330,23 +377,6 @@ class Catalog:
             for key, token in deleted:
                 catalog._remove(key, token)
         return catalog.entries, damaged
-
-    async def _quarantine(self, damaged: list[str], blobs: dict[str, bytes]) -> None:
-        """Move unreadable segments to ``quarantine/``: out of the manifest, never deleted
-        (their keys come back with ``dask storage rebuild-catalog``)."""
-        for name in damaged:
-            try:
-                await self.store.write_file(f"{QUARANTINE}/{name}", blobs[name])
-                await self.store.delete_files([name])
-            except OSError as e:
-                logger.warning("Cannot quarantine catalog segment %s: %s", name, e)
-            else:
-                logger.warning(
-                    "Moved unreadable catalog segment %s to %s/ (run dask storage "
-                    "rebuild-catalog to recover its keys)",
-                    name,
-                    QUARANTINE,
-                )
 
     async def compact(self) -> None:
         """Write the whole catalog as one segment and delete the segments it replaces."""
@@ -389,3 +419,21 @@ class Catalog:
         self._seen_segments = await self.store.list_files(MANIFEST)
         await self.compact()
         return problems
+
+
+async def _quarantine(store: Store, damaged: list[str], blobs: dict[str, bytes]) -> None:
+    """Move unreadable segments to ``quarantine/``: out of the manifest, never deleted
+    (their keys come back with ``dask storage rebuild-catalog``)."""
+    for name in damaged:
+        try:
+            await store.write_file(f"{QUARANTINE}/{name}", blobs[name])
+            await store.delete_files([name])
+        except OSError as e:
+            logger.warning("Cannot quarantine catalog segment %s: %s", name, e)
+        else:
+            logger.warning(
+                "Moved unreadable catalog segment %s to %s/ (run dask storage "
+                "rebuild-catalog to recover its keys)",
+                name,
+                QUARANTINE,
+            )

@@ -243,6 +243,7 @@ def encode(
     token: str | None = None,
     compression: str | bool | None = "auto",
     signing_key: bytes | None = None,
+    created: float | None = None,
 ) -> list[Buffer]:
     """Frames of the object storing ``value`` under ``key``; write them in order.
 
@@ -262,7 +263,7 @@ def encode(
             "token": token,
             "nbytes": sum(memoryview(f).nbytes for f in payload),
             "type": type(value).__name__,
-            "created": time.time(),
+            "created": time.time() if created is None else created,
         },
         use_bin_type=True,
     )

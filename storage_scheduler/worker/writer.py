@@ -136,7 +136,8 @@ class ResultWriter:
                     tokens.append(result_token(spec, version, annotations))
                     return tokens[0]
 
-                nbytes = await self.store.put(key, event.value, token=token)
+                created = time.time()
+                nbytes = await self.store.put(key, event.value, token=token, created=created)
         except Exception as e:
             self._write_failed(key, e)
             return
@@ -145,7 +146,7 @@ class ResultWriter:
                 self.stats.writes_detached -= 1
         context_meter.digest_metric("store-write", 1, "count")
         context_meter.digest_metric("store-write", nbytes, "bytes")
-        metadata[METADATA_KEY] = StoredResult(nbytes=nbytes, token=tokens[0])
+        metadata[METADATA_KEY] = StoredResult(nbytes=nbytes, token=tokens[0], created=created)
         self.stats.stored += 1
         if self._skip_until:
             self._skip_until = 0.0
