@@ -19,12 +19,18 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from distributed import Client
+from distributed import Client, wait
 
 from storage_scheduler import Store
 from storage_scheduler.store.catalog import MANIFEST, Catalog
 from storage_scheduler.store.inventory import Inventory, take_inventory
-from storage_scheduler.store.leases import LEASE_KEYS, LEASES, _decode_manifest, _encode_manifest
+from storage_scheduler.store.leases import (
+    LEASE_KEYS,
+    LEASES,
+    _decode_manifest,
+    _encode_manifest,
+    keys_leased_by_others,
+)
 from tests.cluster_cli import CommandLineCluster, cluster_env, dask_cmd
 from tests.utils import record_run, runs
 
@@ -162,7 +168,22 @@ async def expire_leases(store: Store) -> list[str]:
     return names
 
 
-def scheduler_log_clean(cluster: CommandLineCluster) -> None:
+def plugin_started(c: Client) -> None:
+    """Wait for the storage plugin to have started (the scheduler file is written, and
+    workers may join, while it still loads the catalog)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            c.sync(c.scheduler.storage_info)
+            return
+        except Exception:
+            assert time.monotonic() < deadline, "the storage plugin did not start"
+            time.sleep(0.05)
+
+
+def log_clean(cluster: CommandLineCluster) -> None:
+    """Nothing went wrong in the cluster's processes (checked before they are stopped:
+    stock distributed logs closed comms when all stop at once)."""
     text = cluster.log.read_text(errors="replace")
     assert "Traceback" not in text, text[-5000:]
 
@@ -186,6 +207,7 @@ def test_sigkill_worker_mid_write(backend: tuple[str, dict[str, Any]], tmp_path:
         Client(scheduler_file=str(cluster.scheduler_file)) as c,
     ):
         c.wait_for_workers(2, timeout=60)
+        plugin_started(c)
         by_name = {w["name"]: addr for addr, w in c.scheduler_info()["workers"].items()}
         a, b = by_name["worker-0"], by_name["worker-1"]
         bigs = [
@@ -225,7 +247,7 @@ def test_sigkill_worker_mid_write(backend: tuple[str, dict[str, Any]], tmp_path:
         by_path, inventory = in_store(url, options, catalog_and_inventory)
         assert {o.path for o in inventory.objects} == set(by_path)
         assert not [o for o in inventory.objects if ".tmp-" in o.path]
-    scheduler_log_clean(cluster)
+        log_clean(cluster)
     store.close()
     gc_all_leaves_nothing(url, options)
 
@@ -254,12 +276,14 @@ def test_sigkill_scheduler_mid_flush(backend: tuple[str, dict[str, Any]], tmp_pa
     with CommandLineCluster(tmp_path / "first", url, options, env=env) as first:
         with Client(scheduler_file=str(first.scheduler_file)) as c:
             c.wait_for_workers(2, timeout=60)
+            plugin_started(c)
             fut = submit(c)
             deadline = time.monotonic() + 30
             while len(in_store(url, options, manifest)) < 20:
                 assert time.monotonic() < deadline, "the catalog was never flushed"
                 assert not fut.done(), "finished before the crash"
                 time.sleep(0.02)
+            log_clean(first)
             first.procs["scheduler"].kill()
             first.kill()
     assert first.procs["scheduler"].returncode == -9
@@ -270,6 +294,7 @@ def test_sigkill_scheduler_mid_flush(backend: tuple[str, dict[str, Any]], tmp_pa
     with CommandLineCluster(tmp_path / "second", url, options, env=env) as second:
         with Client(scheduler_file=str(second.scheduler_file)) as c:
             c.wait_for_workers(2, timeout=60)
+            plugin_started(c)
             assert c.gather(submit(c)) == sum(2 * i for i in range(n))
             info = c.sync(c.scheduler.storage_info)
             # What was cataloged before the crash was reused, and read back whole.
@@ -278,18 +303,14 @@ def test_sigkill_scheduler_mid_flush(backend: tuple[str, dict[str, Any]], tmp_pa
             after = runs(marks)
             assert sum(after.values()) - sum(before.values()) < n
             verify_clean(url, options)
-    scheduler_log_clean(second)
+            log_clean(second)
 
     # The dead scheduler's lease still protects what it held: gc --all keeps exactly that.
-    async def leased_and_objects(store: Store) -> tuple[set[Any], set[Any]]:
-        from storage_scheduler.store.leases import keys_leased_by_others
-
-        return await keys_leased_by_others(store, None), set(await store.list())
-
+    leased = in_store(url, options, lambda store: keys_leased_by_others(store, None))
+    stored = set(in_store(url, options, Store.list))
     out = storage_cli("gc", url, options, "--all")
     assert out.returncode == 0, out.stderr
-    leased, left = in_store(url, options, leased_and_objects)
-    assert left <= leased, (left - leased, out.stdout)
+    assert set(in_store(url, options, Store.list)) == stored & leased, out.stdout
 
     # Its lease lapses: now nothing is left.
     assert len(in_store(url, options, expire_leases)) == 1
@@ -297,25 +318,103 @@ def test_sigkill_scheduler_mid_flush(backend: tuple[str, dict[str, Any]], tmp_pa
 
 
 def test_gc_all_after_scheduler_crash(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
-    """Results written just before the scheduler is killed never reach the catalog (its
-    last flush did not happen): ``gc --all`` finds them by listing the store."""
+    """Results stored in the last flush interval before the scheduler is killed never reach
+    the catalog: ``gc --all`` finds them by listing the store."""
     url, options = backend
 
-    async def objects(store: Store) -> dict[str, int]:
-        return await store.find("objects")
-
-    with CommandLineCluster(tmp_path / "cluster", url, options) as cluster:
+    # The catalog is not flushed (nor the lease written) before the crash.
+    env = {"DASK_STORAGE_SCHEDULER__FLUSH_INTERVAL": "30s"}
+    with CommandLineCluster(tmp_path / "cluster", url, options, env=env) as cluster:
         with Client(scheduler_file=str(cluster.scheduler_file)) as c:
             c.wait_for_workers(2, timeout=60)
-            futs = [c.submit(slow, i, 0.5, key=f"slow-{i}") for i in range(4)]
-            deadline = time.monotonic() + 20
-            while not in_store(url, options, objects):
-                assert time.monotonic() < deadline, "nothing was stored"
-                time.sleep(0.01)
-            cluster.kill()  # the scheduler first: within its 500 ms flush interval
-            del futs
+            plugin_started(c)
+            futs = [c.submit(slow, i, 0.1, key=f"slow-{i}") for i in range(4)]
+            wait(futs)
+            cluster.kill()
     by_path, inventory = in_store(url, options, catalog_and_inventory)
-    assert {o.path for o in inventory.objects} - set(by_path), "every result was cataloged"
+    assert len(inventory.objects) == 4
+    assert not by_path
+    gc_all_leaves_nothing(url, options)
 
-    assert len(in_store(url, options, expire_leases)) == 1
+
+SEGMENTS = 400
+
+
+async def many_segments(store: Store) -> set[tuple[Any, str | None, int]]:
+    """A manifest of SEGMENTS segments (a scheduler starting on it compacts it): each adds
+    keys and deletes one the previous one added; some results have objects. Returns the
+    results it lists."""
+    catalog = Catalog(store)
+    for s in range(SEGMENTS):
+        for j in range(5):
+            key, token = f"seg{s}-{j}", f"token-{s}-{j}"
+            nbytes = await store.put(key, s * j, token=token) if s % 40 == 0 else 100
+            catalog.add(key, token, nbytes)
+        if s:
+            catalog.discard(f"seg{s - 1}-0", f"token-{s - 1}-0")
+        await catalog.flush()
+    return {(k, e.token, e.nbytes) for k, e in catalog.items()}
+
+
+async def cataloged(store: Store) -> set[tuple[Any, str | None, int]]:
+    catalog = Catalog(store)
+    await catalog.load(compact=False)
+    return {(k, e.token, e.nbytes) for k, e in catalog.items()}
+
+
+def start_scheduler(url: str, log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [
+                dask_cmd(), "scheduler",
+                "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                "--preload", "storage_scheduler", "--storage-url", url,
+            ],
+            stdout=out, stderr=subprocess.STDOUT, env=cluster_env(), cwd=cwd,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("moment", ["writing-snapshot", "deleting-segments"])
+def test_sigkill_scheduler_mid_compaction(moment: str, tmp_path: Path) -> None:
+    """A scheduler killed while it compacts the manifest at start (writing the snapshot,
+    or deleting the segments it replaces): the next one loads every entry, no deleted
+    entry comes back, and it compacts what was left."""
+    url, options = f"file://{tmp_path}/store", {}
+    manifest = local_root(url) / MANIFEST
+    expected = in_store(url, options, many_segments)
+    assert len(os.listdir(manifest)) == SEGMENTS
+
+    original = set(os.listdir(manifest))
+
+    def reached() -> bool:
+        names = os.listdir(manifest)
+        if moment == "writing-snapshot":
+            return not original.issuperset(names)
+        return len(names) < SEGMENTS
+
+    proc = start_scheduler(url, tmp_path / "killed.log", tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not reached():
+            assert proc.poll() is None, "the scheduler exited"
+            assert time.monotonic() < deadline, "no compaction seen"
+    finally:
+        proc.kill()
+        proc.wait()
+    left = len([n for n in os.listdir(manifest) if ".tmp-" not in n])
+    # Killed mid-compaction: (some of) the segments it replaces are still there, beside the
+    # snapshot or its partial write.
+    assert 1 < left <= SEGMENTS + 1, left
+    assert in_store(url, options, cataloged) == expected
+
+    # A scheduler that is not killed starts normally on what it left, and compacts it.
+    with (
+        CommandLineCluster(tmp_path / "next", url, options, n_workers=0) as last,
+        Client(scheduler_file=str(last.scheduler_file)) as c,
+    ):
+        plugin_started(c)
+        log_clean(last)
+    assert in_store(url, options, cataloged) == expected
+    assert len([n for n in os.listdir(manifest) if ".tmp-" not in n]) == 1
+    verify_clean(url, options)
     gc_all_leaves_nothing(url, options)
