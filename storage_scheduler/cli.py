@@ -211,8 +211,16 @@ def gc(
         kept = [kt for kt in doomed if kt[0] in protected]
         for kt in kept:
             del doomed[kt]
+        # Objects the catalog never heard of: written in the last flush interval before a
+        # scheduler was killed. Only a listing finds them; deleted with --all when no live
+        # cluster holds anything (one might be writing them right now).
+        stray: list[StoredObject] = []
+        if everything and not protected:
+            known = {store.path(k, e.token) for k, e in catalog.items()}
+            stray = [o for o in (await take_inventory(store)).objects if o.path not in known]
         swept = 0
         if not dry_run:
+            await store.delete_paths([o.path for o in stray])
             await store.delete_versions(list(doomed))
             for key, token in doomed:
                 catalog.discard(key, token)
@@ -221,7 +229,8 @@ def gc(
             age = 0.0 if everything and not protected else PARTIAL_WRITE_AGE
             swept = await sweep_partial_writes(store, older_than=age)
             await remove_expired_leases(store)  # left by clusters that did not shut down
-        return len(doomed), sum(doomed.values()), len(kept), swept
+        n = len(doomed) + len(stray)
+        return n, sum(doomed.values()) + sum(o.size for o in stray), len(kept), swept
 
     n, nbytes, kept, swept = _run(url, storage_options, work)
     verb = "Would delete" if dry_run else "Deleted"
