@@ -97,7 +97,7 @@ async def leases(args: argparse.Namespace, url: str, rows: list[dict[str, Any]])
         plugin = StorageSchedulerPlugin(url)
         await s.register_scheduler_plugin(plugin, name=plugin.name, idempotent=False)
         retention = plugin.retention
-        plugin._lease_task.cancel()  # type: ignore[union-attr]  # steps are run by hand
+        await retention.stop()  # the background rounds: steps are run by hand
         t0 = time.perf_counter()
         for i in range(args.held + args.new):
             ts = s.new_task(("leaf-0123456789abcdef", i), None, "memory")
@@ -156,14 +156,15 @@ async def reuse(args: argparse.Namespace, url: str, rows: list[dict[str, Any]]) 
             hook = plugin.reuse.on_update_graph
             profile = cProfile.Profile() if args.profile else None
 
-            def timed(keys: Any) -> None:
+            def timed(keys: Any) -> dict[Any, str | None]:
                 start = time.perf_counter()
                 if profile is not None:
                     profile.enable()
-                hook(keys)
+                reused = hook(keys)
                 if profile is not None:
                     profile.disable()
                 timing["plan"] = time.perf_counter() - start
+                return reused
 
             plugin.reuse.on_update_graph = timed  # type: ignore[method-assign]
             futures = []
