@@ -10,7 +10,9 @@ the token recorded when it was stored. The token covers
 * for every Python function reached, *transitively*: its code (bytecode, names, constants;
   not file names or line numbers), its default arguments, the values its closure holds,
   and through the global names its code uses, the user functions it calls, the methods of
-  user classes it uses and the values of module-level constants it reads. "User" code is
+  user classes it uses and the values of module-level constants it reads (immutable
+  values: numbers, strings, tuples, frozensets...; a module-level list, dict or set is
+  run-time state, covered by name only). "User" code is
   code outside the Python installation and its site-packages; library functions are
   covered by their module's name and version (a numpy upgrade changes ``np.sum``'s token);
 * a version salt: ``dask.annotate(storage_version=...)`` on the task, and the
@@ -29,6 +31,7 @@ function object, so a task spec costs a few microseconds once its functions are 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.metadata
 import math
@@ -269,6 +272,11 @@ class _Hasher:
             elif isinstance(v, (types.FunctionType, type)) or callable(v):
                 self.feed("global", name)
                 self.function(v)
+            elif isinstance(v, _STATE):
+                # A mutable container is run-time state (a cache, a log, a registry), not
+                # a constant: its contents change as tasks run, so they would make the
+                # token depend on when it was computed. Covered by name and type only.
+                self.feed("state", name, type(v).__qualname__)
             else:
                 self.feed("const", name)
                 self.value(v)
@@ -279,6 +287,10 @@ class _Hasher:
         self.feed("code", code.co_code, repr(code.co_names), repr(code.co_varnames))
         for const in code.co_consts:
             self.value(const)
+
+
+#: Global values that are run-time state rather than constants.
+_STATE = (list, dict, set, bytearray, collections.deque)
 
 
 def _names(code: types.CodeType) -> set[str]:

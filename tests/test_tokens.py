@@ -25,7 +25,7 @@ print(task_token(Task("k", usermod.entry, TaskRef("dep"), 1)))
 BASE = """
 import math
 SCALE = 3
-LABELS = {"a", "b", "c", "d", "e", "f", "g"}
+LABELS = frozenset({"a", "b", "c", "d", "e", "f", "g"})
 
 def helper(x):
     return x * SCALE
@@ -59,12 +59,27 @@ def test_same_in_every_process(tmp_path: Path) -> None:
     assert len(tokens) == 1
 
 
+_LOG: list[int] = []
+
+
+def _log_and_inc(x: int) -> int:
+    _LOG.append(x)
+    return x + 1
+
+
+def _forget_function_digests() -> None:
+    """Drop the per-function digest cache, as a new process starts without it."""
+    from storage_scheduler import tokens
+
+    tokens._function_digests.clear()
+
+
 @pytest.mark.parametrize(
     "edit",
     [
         ("return x * SCALE", "return x * SCALE + 0"),  # a helper the task calls
         ("SCALE = 3", "SCALE = 4"),  # a module constant the helper reads
-        ('LABELS = {"a"', 'LABELS = {"z"'),  # a constant the task reads
+        ('LABELS = frozenset({"a"', 'LABELS = frozenset({"z"'),  # a constant the task reads
         ("z=10", "z=11"),  # a default argument
     ],
     ids=["helper", "constant", "set-constant", "default"],
@@ -74,6 +89,18 @@ def test_edits_change_the_token(tmp_path: Path, edit: tuple[str, str]) -> None:
     before, after = edit
     assert before in source
     assert token_of(tmp_path, source) != token_of(tmp_path, source.replace(before, after))
+
+
+def test_global_state_is_not_a_constant() -> None:
+    """A module-level list the task appends to (a log, a cache) is run-time state: its
+    contents must not change the token (they made reuse depend on when the token of a
+    function was first computed)."""
+    from dask._task_spec import Task
+
+    before = task_token(Task("k", _log_and_inc, 1))
+    _forget_function_digests()
+    _LOG.extend(range(5))
+    assert task_token(Task("k", _log_and_inc, 1)) == before
 
 
 def test_edit_elsewhere_in_the_file_does_not(tmp_path: Path) -> None:
