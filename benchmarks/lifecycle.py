@@ -157,14 +157,27 @@ async def reuse(args: argparse.Namespace, url: str, rows: list[dict[str, Any]]) 
             profile = cProfile.Profile() if args.profile else None
 
             def timed(keys: Any) -> dict[Any, str | None]:
-                start = time.perf_counter()
+                gc_started: list[float] = []
+                timing["gc"] = 0.0
+
+                def gc_time(phase: str, info: dict[str, int]) -> None:
+                    if phase == "start":
+                        gc_started.append(time.perf_counter())
+                    elif gc_started:
+                        timing["gc"] += time.perf_counter() - gc_started.pop()
+
+                gc.callbacks.append(gc_time)
+                start, cpu = time.perf_counter(), time.thread_time()
                 if profile is not None:
                     profile.enable()
-                reused = hook(keys)
-                if profile is not None:
-                    profile.disable()
-                timing["plan"] = time.perf_counter() - start
-                return reused
+                try:
+                    return hook(keys)
+                finally:
+                    if profile is not None:
+                        profile.disable()
+                    timing["plan"] = time.perf_counter() - start
+                    timing["cpu"] = time.thread_time() - cpu
+                    gc.callbacks.remove(gc_time)
 
             plugin.reuse.on_update_graph = timed  # type: ignore[method-assign]
             futures = []
@@ -175,9 +188,14 @@ async def reuse(args: argparse.Namespace, url: str, rows: list[dict[str, Any]]) 
 
             await step(rows, s, f"update_graph: {args.stored:,} stored keys", submit)
             rows[-1]["plugin_hook_s"] = timing["plan"]
-            print(f"{'  of which the plugin hook':<34} {timing['plan']:7.2f} s")
+            rows[-1]["plugin_hook_cpu_s"] = timing["cpu"]
+            rows[-1]["plugin_hook_gc_s"] = timing["gc"]
+            print(
+                f"{'  of which the plugin hook':<34} {timing['plan']:7.2f} s"
+                f"   ({timing['cpu']:.2f} s of CPU, garbage collection {timing['gc']:.2f} s)"
+            )
             if profile is not None:
-                pstats.Stats(profile).sort_stats("cumulative").print_stats(18)
+                pstats.Stats(profile).sort_stats("tottime").print_stats(25)
             await c.cancel(futures)
 
 

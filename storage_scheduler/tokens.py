@@ -104,32 +104,70 @@ def _module_version(name: str) -> str:
         return sys.version if top in sys.stdlib_module_names else ""
 
 
+def _framed(part: str | bytes) -> bytes:
+    data = part.encode() if isinstance(part, str) else part
+    return len(data).to_bytes(8, "little") + data
+
+
+#: Framed type names of the scalars, prefixed once rather than per value.
+_SCALAR_HEADS = {t: _framed(t.__name__) for t in _SCALARS}
+_REF_HEAD = _framed("ref")
+_TASK_HEAD = _framed("task")
+_EMPTY_DICT = _framed("dict")
+_TUPLE_HEADS = [_framed("tuple") + _framed(str(n)) for n in range(16)]
+
+
 class _Hasher:
-    """One token's walk: a hash fed in a canonical order, with cycle protection."""
+    """One token's walk: length-prefixed parts in a canonical order, hashed at the end,
+    with cycle protection.
+
+    The parts are gathered in one buffer and hashed once: a task spec is dozens of small
+    parts, and one ``update`` call each cost more than the hashing.
+    """
+
+    __slots__ = ("_active", "buf")
 
     def __init__(self) -> None:
-        self.h = hashlib.sha256()
-        self._active: set[int] = set()
+        self.buf = bytearray()
+        #: Functions being digested (shared with sub-walks), made when first needed: a
+        #: plain task's walk then allocates nothing the garbage collector tracks.
+        self._active: set[int] | None = None
 
     def feed(self, *parts: str | bytes) -> None:
+        buf = self.buf
         for part in parts:
             data = part.encode() if isinstance(part, str) else part
-            self.h.update(len(data).to_bytes(8, "little"))
-            self.h.update(data)
+            buf += len(data).to_bytes(8, "little")
+            buf += data
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.buf).digest()
 
     def sub(self, v: Any, how: Callable[[_Hasher, Any], None] | None = None) -> bytes:
         """The digest of ``v`` on its own (fed by ``how``, default :meth:`value`), for
         parts hashed in a sorted order and for caching."""
+        if self._active is None:
+            self._active = set()
         sub = _Hasher()
         sub._active = self._active
         (how or _Hasher.value)(sub, v)
-        return sub.h.digest()
+        return sub.digest()
 
     # ------------------------------------------------------------------- values
 
     def value(self, v: Any) -> None:
         """Feed a value so that equal values give equal bytes in every process."""
-        if isinstance(v, float):
+        t = type(v)
+        head = _SCALAR_HEADS.get(t)
+        if head is not None:  # the common cases first, by exact type
+            self.buf += head
+            self.feed(repr(v))
+        elif t is Task:
+            self._task(v)
+        elif t is tuple:
+            self.feed("tuple", str(len(v)))
+            self._items(v)
+        elif isinstance(v, float):
             self.feed("f", repr(v) if not math.isnan(v) else "nan")
         elif isinstance(v, _SCALARS):
             self.feed(type(v).__name__, repr(v))
@@ -139,11 +177,13 @@ class _Hasher:
             self.node(v)
         elif isinstance(v, (tuple, list)):
             self.feed(type(v).__name__, str(len(v)))
-            for x in v:
-                self.value(x)
+            self._items(v)
         elif isinstance(v, (set, frozenset)):
             self.feed(type(v).__name__, *sorted(self.sub(x) for x in v))
         elif isinstance(v, dict):
+            if not v:
+                self.buf += _EMPTY_DICT
+                return
             items = sorted((self.sub(k), self.sub(x)) for k, x in v.items())
             self.feed("dict", *(part for item in items for part in item))
         elif isinstance(v, types.CodeType):
@@ -157,6 +197,23 @@ class _Hasher:
             # dask cannot tokenize deterministically gets a random one: never reused.
             self.feed("data", type(v).__qualname__, str(tokenize(v)))
 
+    def _items(self, items: Any) -> None:
+        """The items of a sequence, scalars and references inline: task arguments are
+        mostly these, and this loop is most of a task's token."""
+        buf, heads = self.buf, _SCALAR_HEADS
+        for x in items:
+            head = heads.get(type(x))
+            if head is not None:
+                data = repr(x).encode()
+            elif type(x) is TaskRef:
+                head, data = _REF_HEAD, repr(x.key).encode()
+            else:
+                self.value(x)
+                continue
+            buf += head
+            buf += len(data).to_bytes(8, "little")
+            buf += data
+
     # -------------------------------------------------------------------- specs
 
     def node(self, node: GraphNode) -> None:
@@ -166,10 +223,7 @@ class _Hasher:
                 parts.sort()  # a set's order depends on the hash seed
             self.feed("container", node.klass.__name__, *parts)
         elif isinstance(node, Task):
-            self.feed("task")
-            self.function(node.func)
-            self.value(node.args)
-            self.value(node.kwargs)
+            self._task(node)
         elif isinstance(node, Alias):
             self.feed("alias", repr(node.target))
         elif isinstance(node, DataNode):
@@ -177,6 +231,23 @@ class _Hasher:
             self.value(node.value)
         else:
             self.feed("node", type(node).__qualname__, str(tokenize(node)))
+
+    def _task(self, task: Task) -> None:
+        self.buf += _TASK_HEAD
+        self.function(task.func)
+        args, kwargs = task.args, task.kwargs
+        if type(args) is tuple:  # what value() does, without its dispatch
+            if len(args) < len(_TUPLE_HEADS):
+                self.buf += _TUPLE_HEADS[len(args)]
+            else:
+                self.feed("tuple", str(len(args)))
+            self._items(args)
+        else:
+            self.value(args)
+        if type(kwargs) is dict and not kwargs:
+            self.buf += _EMPTY_DICT
+        else:
+            self.value(kwargs)
 
     # ---------------------------------------------------------------- functions
 
@@ -194,6 +265,8 @@ class _Hasher:
         self.feed(cached)
 
     def _function(self, func: Any) -> None:
+        if self._active is None:
+            self._active = set()
         if id(func) in self._active:  # recursion between user functions
             self.feed("cycle", getattr(func, "__qualname__", ""))
             return
@@ -327,6 +400,27 @@ def task_token(spec: Any, salt: object = None) -> str:
     """
     hasher = _Hasher()
     hasher.value(spec)
-    hasher.feed("salt")
-    hasher.value(salt)
-    return hasher.h.hexdigest()[:32]
+    hasher.buf += _salt(salt)
+    return hasher.digest().hex()[:32]
+
+
+def _salt(salt: object) -> bytes:
+    # Cached only by exact types: a cache keyed by value alone would take 1, 1.0 and
+    # True for one another.
+    cache_key = (salt, tuple(map(type, salt))) if type(salt) is tuple else (salt, type(salt))
+    try:
+        return _salt_cache[cache_key]
+    except (KeyError, TypeError):
+        hasher = _Hasher()
+        hasher.feed("salt")
+        hasher.value(salt)
+        data = bytes(hasher.buf)
+    try:
+        if len(_salt_cache) < 64:
+            _salt_cache[cache_key] = data
+    except TypeError:  # unhashable
+        pass
+    return data
+
+
+_salt_cache: dict[object, bytes] = {}

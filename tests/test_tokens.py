@@ -147,3 +147,25 @@ def test_library_functions_by_name_and_version() -> None:
 
     assert task_token(Task("k", np.sum, 1)) == task_token(Task("k", np.sum, 1))
     assert task_token(Task("k", np.sum, 1)) != task_token(Task("k", np.prod, 1))
+
+
+def test_encoding_is_stable() -> None:
+    """Tokens name stored objects: an encoding change would orphan every stored result.
+    (Values only: functions' tokens include the bytecode, which differs between Pythons.)"""
+    from dask._task_spec import DataNode, Dict, List, TaskRef
+
+    spec = List(
+        *(1, -2, 1.5, float("nan"), "s", b"b", None, True, (1, 2, [3, {4: 5}])),
+        *({"k": {1, 2}}, frozenset({"x"}), {}, range(3), slice(1, 2), ..., 3j),
+        *(Dict(a=TaskRef("y")), DataNode("z", 4), TaskRef(("a", 1)), tuple(range(20))),
+    )
+    assert task_token(spec, ("v1", 2)) == "025c81ea9802b46f29f16d05a61f561e"
+
+
+def test_salts_differ_by_type() -> None:
+    from dask._task_spec import Task
+
+    def f() -> None: ...
+
+    tokens = {task_token(Task("k", f), salt) for salt in [(None, 1), (None, True), (None, 1.0)]}
+    assert len(tokens) == 3
