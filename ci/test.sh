@@ -18,8 +18,8 @@ fi
 
 # Static checks first: any finding fails the run.
 echo "ci: ruff check, ruff format --check, mypy --strict"
-ruff check storage_scheduler tests benchmarks ci
-ruff format --check --quiet storage_scheduler tests benchmarks ci
+ruff check storage_scheduler tests benchmarks ci examples
+ruff format --check --quiet storage_scheduler tests benchmarks ci examples
 mypy --strict storage_scheduler
 
 source "$(dirname "${BASH_SOURCE[0]}")/moto.sh"

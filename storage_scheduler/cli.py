@@ -10,6 +10,8 @@ Registered through the ``dask_cli`` entry point, so it appears as ``dask storage
     dask storage status SCHEDULER_ADDRESS    task RAM and stored bytes of a running cluster
 
 Every command takes ``--storage-option key=value`` (repeatable) for the filesystem.
+``gc``, ``verify`` and ``rebuild-catalog`` show their progress on stderr when it is a
+terminal (not with ``--quiet``); what they found goes to stdout.
 The catalog (``manifest/``) is what ``ls``, ``du`` and ``gc`` read: fast even for
 millions of keys. ``verify`` and ``rebuild-catalog`` read the store itself.
 """
@@ -30,6 +32,7 @@ from dask.utils import format_bytes, format_time, key_split, parse_bytes, parse_
 from storage_scheduler._exceptions import IntegrityError, StorageSchedulerError
 from storage_scheduler._protocol import StorageStatus
 from storage_scheduler.config import parse_storage_options
+from storage_scheduler.progress import ProgressLine, Tally
 from storage_scheduler.store import Store
 from storage_scheduler.store.catalog import Catalog, Entry
 from storage_scheduler.store.inventory import (
@@ -52,6 +55,11 @@ storage_option = click.option(
     multiple=True,
     help="Filesystem option as key=value (repeatable)",
 )
+quiet_option = click.option(
+    "--quiet", "-q", is_flag=True, help="No progress line on stderr (shown only on a terminal)"
+)
+#: Objects deleted per request: an S3 DeleteObjects call takes at most 1,000 keys.
+DELETE_BATCH = 1000
 
 
 def _run(url: str, options: Iterable[str], work: Callable[[Store], Awaitable[T]]) -> T:
@@ -164,6 +172,7 @@ def du(url: str, storage_options: tuple[str, ...], by: str) -> None:
 )
 @click.option("--all", "everything", is_flag=True, help="Delete every stored result")
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted")
+@quiet_option
 def gc(
     url: str,
     storage_options: tuple[str, ...],
@@ -171,6 +180,7 @@ def gc(
     max_size: str | None,
     everything: bool,
     dry_run: bool,
+    quiet: bool,
 ) -> None:
     """Delete stored results by a retention rule.
 
@@ -189,6 +199,7 @@ def gc(
         raise click.BadParameter(f"--max-size must be positive, got {max_size!r}")
 
     async def work(store: Store) -> tuple[int, int, int, int]:
+        tally.begin("reading the catalog")
         catalog = await _catalog(store)
         now = time.time()
         oldest_first = sorted(catalog.items(), key=lambda kv: kv[1].created)
@@ -216,23 +227,32 @@ def gc(
         # cluster holds anything (one might be writing them right now).
         stray: list[StoredObject] = []
         if everything and not protected:
+            tally.begin("listing the store")
             known = {store.path(k, e.token) for k, e in catalog.items()}
             stray = [o for o in (await take_inventory(store)).objects if o.path not in known]
         swept = 0
         if not dry_run:
-            await store.delete_paths([o.path for o in stray])
-            await store.delete_versions(list(doomed))
-            for key, token in doomed:
-                catalog.discard(key, token)
-            await catalog.flush()
+            tally.begin("sweeping partial writes")
             # Left by writers that died; with --all and no live cluster, whatever their age.
             age = 0.0 if everything and not protected else PARTIAL_WRITE_AGE
             swept = await sweep_partial_writes(store, older_than=age)
             await remove_expired_leases(store)  # left by clusters that did not shut down
+            victims = [(o.path, o.size) for o in stray]
+            victims += [(store.path(k, t), nbytes) for (k, t), nbytes in doomed.items()]
+            tally.begin("deleted", len(victims), sum(size for _, size in victims))
+            for i in range(0, len(victims), DELETE_BATCH):
+                batch = victims[i : i + DELETE_BATCH]
+                await store.delete_paths([path for path, _ in batch])
+                tally.add(sum(size for _, size in batch), len(batch))
+            for key, token in doomed:
+                catalog.discard(key, token)
+            await catalog.flush()
         n = len(doomed) + len(stray)
         return n, sum(doomed.values()) + sum(o.size for o in stray), len(kept), swept
 
-    n, nbytes, kept, swept = _run(url, storage_options, work)
+    tally = Tally()
+    with ProgressLine(tally, "gc", quiet=quiet):
+        n, nbytes, kept, swept = _run(url, storage_options, work)
     verb = "Would delete" if dry_run else "Deleted"
     click.echo(f"{verb} {n} stored results, {format_bytes(nbytes)}")
     if kept:
@@ -245,7 +265,8 @@ def gc(
 @click.argument("url")
 @storage_option
 @click.option("--delete", is_flag=True, help="Delete the objects that fail, so they are recomputed")
-def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
+@quiet_option
+def verify(url: str, storage_options: tuple[str, ...], delete: bool, quiet: bool) -> None:
     """Read every stored object and check it (checksum, signature, key and token).
 
     Files that are not objects of this store are reported and left alone; partial writes
@@ -253,7 +274,10 @@ def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
     """
 
     async def work(store: Store) -> tuple[Inventory, list[tuple[StoredObject, str]]]:
+        tally.begin("listing the store")
         inventory = await take_inventory(store)
+        objects = inventory.objects
+        tally.begin("checked", len(objects), sum(obj.size for obj in objects))
         sem = asyncio.Semaphore(store.settings.max_concurrency)
         bad: list[tuple[StoredObject, str]] = []
 
@@ -263,8 +287,9 @@ def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
                     await verify_object(store, obj)
                 except (IntegrityError, FileNotFoundError) as e:
                     bad.append((obj, str(e)))
+            tally.add(obj.size)
 
-        await asyncio.gather(*map(check, inventory.objects))
+        await asyncio.gather(*map(check, objects))
         if delete and bad:
             catalog = await _catalog(store)
             await store.delete_paths([obj.path for obj, _ in bad])
@@ -275,7 +300,9 @@ def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
             await catalog.flush()
         return inventory, bad
 
-    inventory, bad = _run(url, storage_options, work)
+    tally = Tally()
+    with ProgressLine(tally, "verify", quiet=quiet):
+        inventory, bad = _run(url, storage_options, work)
     for obj, reason in bad:
         click.echo(f"BAD {obj.key!r}: {reason}")
     for path, reason in inventory.problems:
@@ -292,7 +319,8 @@ def verify(url: str, storage_options: tuple[str, ...], delete: bool) -> None:
 @storage.command("rebuild-catalog")
 @click.argument("url")
 @storage_option
-def rebuild_catalog(url: str, storage_options: tuple[str, ...]) -> None:
+@quiet_option
+def rebuild_catalog(url: str, storage_options: tuple[str, ...], quiet: bool) -> None:
     """Recreate the catalog by listing the store (when the manifest is lost or damaged).
 
     Files that cannot be catalogued are reported and left out; exits with status 1 then.
@@ -300,9 +328,11 @@ def rebuild_catalog(url: str, storage_options: tuple[str, ...]) -> None:
 
     async def work(store: Store) -> tuple[Catalog, list[tuple[str, str]]]:
         catalog = Catalog(store)
-        return catalog, await catalog.rebuild()
+        return catalog, await catalog.rebuild(tally)
 
-    catalog, problems = _run(url, storage_options, work)
+    tally = Tally()
+    with ProgressLine(tally, "rebuild-catalog", quiet=quiet):
+        catalog, problems = _run(url, storage_options, work)
     for path, reason in problems:
         click.echo(f"LEFT OUT {path}: {reason}")
     click.echo(f"Catalog rebuilt: {len(catalog)} stored results")

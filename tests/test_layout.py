@@ -17,10 +17,11 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 ALLOWED: dict[str, set[str]] = {
     "_exceptions": set(),
     "tokens": set(),
+    "progress": set(),
     "config": {"_exceptions"},
     "_protocol": {"tokens"},
     "_compat": {"_protocol"},
-    "store": {"_exceptions", "config", "store"},
+    "store": {"_exceptions", "config", "progress", "store"},
     "comm": {"_compat", "_protocol", "store"},
     "metrics": {"_compat", "_protocol", "store"},
     "dashboard": {"_protocol"},
@@ -40,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "enable": {"_exceptions", "_protocol", "config", "scheduler"},
     "preload": {"_protocol", "config", "scheduler", "worker"},
-    "cli": {"_exceptions", "_protocol", "config", "store"},
+    "cli": {"_exceptions", "_protocol", "config", "progress", "store"},
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from storage_scheduler._exceptions import StoreError, UntrustedObjectError
+from storage_scheduler.progress import Tally
 from storage_scheduler.store._store import Store
 from storage_scheduler.store.inventory import StoredObject, take_inventory
 from storage_scheduler.store.serialize import (
@@ -389,13 +390,16 @@ class Catalog:
         await self.store.delete_files(old + [n for n in self._seen_segments if n not in old])
         self._seen_segments = [name]
 
-    async def rebuild(self) -> list[tuple[str, str]]:
+    async def rebuild(self, tally: Tally | None = None) -> list[tuple[str, str]]:
         """Recreate the manifest from a listing of the store (reads every header).
 
         Returns the files that were left out, with the reason: stray files, objects whose
-        header cannot be read or whose name is not their token's.
+        header cannot be read or whose name is not their token's. ``tally`` counts progress.
         """
+        tally = tally or Tally()
+        tally.begin("listing the store")
         inventory = await take_inventory(self.store)
+        tally.begin("catalogued", len(inventory.objects), sum(o.size for o in inventory.objects))
         sem = asyncio.Semaphore(64)
         problems = list(inventory.problems)
         catalog = Catalog(self.store, self.writer_id)
@@ -407,6 +411,8 @@ class Catalog:
                 except (OSError, StoreError) as e:
                     problems.append((obj.path, str(e)))
                     return
+                finally:
+                    tally.add(obj.size)
             named = None if h.token is None else version_name(h.token)
             if named != obj.listed.version or pack_key(h.key) != pack_key(obj.key):
                 problems.append((obj.path, "its header does not match its name"))
