@@ -49,6 +49,13 @@ HEADLINES: dict[
 ] = {
     "transfer": ("throughput, end to end", lambda r: r["throughput"], mb_s, 1.0, False),
     "overhead": ("wall time", lambda r: r["wall_seconds"], secs, 1.10, True),
+    "scale": (
+        "scheduler CPU per task",
+        lambda r: r["scheduler_cpu_per_task_us"],
+        lambda v: f"{v:.0f} µs",
+        1.10,
+        True,
+    ),
     "rerun": ("rerun / first run", lambda r: r["rerun_ratio"], lambda v: f"{v:.3f}x", 0.05, True),
     "worker-loss": ("tasks re-executed", lambda r: r["reexecuted"], lambda v: f"{v:g}", 1.0, True),
     "retire": ("retire_workers time", lambda r: r["wall_seconds"], secs, 0.1, True),
@@ -123,6 +130,15 @@ def extra_figures(results: dict[str, Rows]) -> list[str]:
             "- worker-loss: wall time with the fault / without it: {:.2f} (stock), {:.2f} (storage).".format(
                 median(rows, "stock", lambda r: r["fault_ratio"]),
                 median(rows, "storage", lambda r: r["fault_ratio"]),
+            )
+        )
+    if "scale" in results:
+        rows = results["scale"]
+        out.append(
+            "- scale: scheduler memory growth per held key {} (stock), {} (storage); {} keys stored.".format(
+                format_bytes(median(rows, "stock", lambda r: r["scheduler_bytes_per_held_key"])),
+                format_bytes(median(rows, "storage", lambda r: r["scheduler_bytes_per_held_key"])),
+                f"{median(rows, 'storage', lambda r: r['stored_keys']):g}",
             )
         )
     if "retire" in results:

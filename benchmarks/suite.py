@@ -17,6 +17,8 @@ Workloads (see :data:`WORKLOADS`):
 * ``transfer``: producers pinned to one worker make numpy arrays, consumers pinned to
   the other reduce them; end-to-end wall time and throughput (array bytes / second).
 * ``overhead``: a tree reduction of 10,000 tasks of ~1 ms and ~1 KiB results.
+* ``scale``: 16 one-thread workers run ~50,000 tasks that sleep 1 ms; the scheduler's CPU
+  time per task and its memory per held key (see :mod:`benchmarks.scale`).
 * ``rerun``: a ~2,000-task graph of ~30 s, then a whole new cluster runs it again.
 * ``worker-loss``: one of the two workers is SIGKILLed when half the tasks have run;
   tasks re-executed, and wall time against the same graph without the fault.
@@ -49,6 +51,7 @@ from dask.utils import format_bytes, parse_bytes
 from distributed import Client, LocalCluster, wait
 
 from benchmarks.common import bench_cluster, cluster_figures, environment
+from benchmarks.scale import scale
 
 MODES = ("stock", "storage")
 RESULTS = Path(__file__).parent / "results"
@@ -321,6 +324,12 @@ WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         {"leaves": 32, "task_seconds": 0.001},
         "wall time <= 1.10x stock",
     ),
+    "scale": (
+        scale,
+        {"leaves": 25_000, "task_seconds": 0.001, "workers": 16},
+        {"leaves": 200, "task_seconds": 0.001, "workers": 2},
+        "scheduler CPU per task <= 1.10x stock",
+    ),
     "rerun": (
         rerun,
         {"leaves": 1000, "task_seconds": 0.03},
@@ -399,6 +408,8 @@ def line(row: dict[str, Any]) -> str:
             "fault_ratio",
             "bytes_copied",
             "executed_rerun",
+            "scheduler_cpu_per_task_us",
+            "scheduler_bytes_per_held_key",
         )
     )
     return (
