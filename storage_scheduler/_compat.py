@@ -378,7 +378,7 @@ def add_bokeh_applications(server: Any, apps: Mapping[str, Callable[[Any], None]
             app, url=url, io_loop=server.io_loop, logout_url=server.auth_provider.logout_url
         )
         routes: list[Any] = []
-        for pattern, handler in per_app_patterns:
+        for pattern, handler, *_ in per_app_patterns:
             kwargs: dict[str, Any] = {"application_context": ctx}
             if issubclass(handler, WSHandler):
                 kwargs.update(compression_level=None, mem_level=None)

@@ -125,7 +125,9 @@ class Chromium:
         self._next_id += 1
         fut = asyncio.get_running_loop().create_future()
         self._pending[self._next_id] = fut
-        await self.ws.write_message(json.dumps({"id": self._next_id, "method": method, "params": params}))
+        await self.ws.write_message(
+            json.dumps({"id": self._next_id, "method": method, "params": params})
+        )
         return await asyncio.wait_for(fut, 60)
 
     async def open(self, url: str, width: int = 1280, height: int = 800) -> None:
@@ -176,7 +178,9 @@ class Chromium:
             if method == "Runtime.exceptionThrown":
                 out.append(json.dumps(params["exceptionDetails"])[:500])
             elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                out.append(" ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+                out.append(
+                    " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
+                )
             elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
                 out.append(f"{params['entry']['text']} ({params['entry'].get('url')})")
         return out

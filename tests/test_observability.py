@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from tornado.httpclient import AsyncHTTPClient
 
 import dask
@@ -121,12 +120,14 @@ STORAGE_PLOTS = [
 ]
 
 
-async def run_workload(c: Any, plugin: Any) -> None:
+async def run_workload(c: Any, plugin: Any) -> list[Any]:
     """Store 6 results and read one back, after the history's first sample: the
-    throughput chart then shows both."""
+    throughput chart then shows both. Returns the futures, which keep them stored."""
     await async_poll_for(lambda: len(plugin.history.samples) >= 1, timeout=10)
     x = c.submit(np.random.random, 200_000, key="x")
-    await wait([c.submit(np.sum, x, key=f"sum-{i}") for i in range(5)])
+    sums = [c.submit(np.sum, x, key=f"sum-{i}") for i in range(5)]
+    await wait(sums)
+    return [x, *sums]
 
 
 def page_has_data(s: Any, plugin: Any) -> bool:
@@ -152,16 +153,10 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
     renders in Chromium, without console errors, with the cluster's figures."""
     url = str(tmp_path / "store")
     async with storage_cluster(url) as (c, s, plugin):
-        await run_workload(c, plugin)
-        await async_poll_for(lambda: page_has_data(s, plugin), timeout=15)
         base = f"http://127.0.0.1:{s.http_server.port}"
         plots = await fetch_json(base + "/individual-plots.json")
         assert set(STORAGE_PLOTS) <= set(plots.values())
-
-        st = plugin.storage_status()
-        names = [w["name"] for w in st["workers"]]
-        written = [w["bytes_written"] for w in st["workers"]]
-        assert all(written) and st["stored_total"] == 6
+        names = sorted(s.workers)  # in-process workers are named by address
         async with Chromium(tmp_path / "profile") as browser:
             await browser.open(base + "/status")
             menu = await browser.evaluate(
@@ -172,13 +167,18 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
             assert ["individual-storage-memory", "Storage Memory"] in menu  # "More..."
             assert not browser.errors()
 
+            # Opened before the work: the page must refresh itself.
             await browser.open(base + "/storage")
+            await browser.wait_for_text("held by this cluster", *names, url)
+            futures = await run_workload(c, plugin)
+            await async_poll_for(lambda: page_has_data(s, plugin), timeout=15)
+            st = plugin.storage_status()
+            written = [w["bytes_written"] for w in st["workers"]]
+            assert all(written) and st["stored_total"] == 6 and st["keys_in_lanes"] == 6
             text = await browser.wait_for_text(
-                "held by this cluster", *names, format_bytes(st["bytes_in_lanes"]), url
+                *map(format_bytes, written), format_bytes(st["bytes_in_lanes"])
             )
             assert "Traceback" not in text
-            for n in written:
-                assert format_bytes(n) in text  # the per-worker table
             memory = await browser.source_data("storage_memory")
             assert memory is not None
             assert memory["worker"] == [*names, STORE_ROW]
@@ -209,6 +209,7 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
                 else:
                     await browser.wait_for_text(*names, *map(format_bytes, written))
                 assert not browser.errors(), plot
+        del futures
 
 
 @needs_chromium
@@ -222,8 +223,8 @@ async def test_plain_page_without_the_bokeh_dashboard(tmp_path: Path) -> None:
         assert _compat.bokeh_server(s) is None
         plugin = await enable_storage(s, url)
         async with (
-            Worker(s.address, nthreads=1) as a,
-            Worker(s.address, nthreads=1) as b,
+            Worker(s.address, nthreads=1),
+            Worker(s.address, nthreads=1),
             Client(s.address, asynchronous=True) as c,
         ):
             await run_workload(c, plugin)

@@ -114,10 +114,7 @@ def add_bokeh_pages(scheduler: Scheduler, server: Any) -> list[str]:
     its menus; return the URLs newly served."""
     docs: dict[str, Callable[[Document], None]] = {
         "/" + PAGE: functools.partial(storage_doc, scheduler),
-        **{
-            url: functools.partial(_individual, cls, scheduler)
-            for url, cls in COMPONENTS.items()
-        },
+        **{url: functools.partial(_individual, cls, scheduler) for url, cls in COMPONENTS.items()},
     }
     added = _compat.add_bokeh_applications(server, docs)
     menus = _compat.dashboard_menus(scheduler)

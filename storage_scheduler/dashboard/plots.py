@@ -16,18 +16,15 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from bokeh.layouts import column
 from bokeh.models import (
     ColumnDataSource,
-    DataTable,
-    Div,
+    DataRange1d,
     FactorRange,
     HoverTool,
-    Legend,
-    LegendItem,
     NumeralTickFormatter,
-    TableColumn,
 )
+from bokeh.models.annotations import Legend, LegendItem
+from bokeh.models.widgets import Div
 from bokeh.plotting import figure
 
 from dask.utils import format_bytes
@@ -60,7 +57,7 @@ def _tooltip(rows: list[tuple[str, str]]) -> str:
 
 def _replace(source: ColumnDataSource, data: dict[str, list[Any]]) -> None:
     if dict(source.data) != data:  # an unchanged plot sends nothing to the browser
-        source.data = data
+        source.data.update(data)
 
 
 class StorageMemory:
@@ -72,9 +69,11 @@ class StorageMemory:
 
     def __init__(self, **kwargs: Any):
         self.source = ColumnDataSource({k: [] for k in ("worker", "address", *self.SEGMENTS)})
+        self.workers = FactorRange()
         self.root = figure(
             title="Task RAM and result storage per worker",
-            y_range=FactorRange(),
+            x_range=DataRange1d(start=0),
+            y_range=self.workers,
             x_axis_label="bytes",
             tools="",
             toolbar_location=None,
@@ -93,18 +92,20 @@ class StorageMemory:
         labels = ["RAM: running tasks, process", "RAM: results", "in the store"]
         self.root.add_layout(
             Legend(
-                items=[LegendItem(label=t, renderers=[r]) for t, r in zip(labels, renderers)],
+                items=[
+                    LegendItem(label=t, renderers=list[Any]([r]))
+                    for t, r in zip(labels, renderers, strict=True)
+                ],
                 orientation="horizontal",
                 location="center",
             ),
             "below",
         )
-        self.root.x_range.start = 0
         self.root.xaxis.formatter = NumeralTickFormatter(format=BYTES)
         self.root.ygrid.visible = False
         self.root.add_tools(
             HoverTool(
-                renderers=renderers,
+                renderers=list[Any](renderers),
                 point_policy="follow_mouse",
                 tooltips=_tooltip(
                     [
@@ -132,7 +133,7 @@ class StorageMemory:
             ):
                 data[k].append(v)
         # Workers top down in address order, the store last.
-        self.root.y_range.factors = data["worker"][::-1]
+        self.workers.factors = data["worker"][::-1]
         _replace(self.source, data)
 
 
@@ -144,6 +145,7 @@ class StorageThroughput:
         self.root = figure(
             title="Store throughput",
             x_axis_type="datetime",
+            y_range=DataRange1d(start=0),
             x_axis_label="time",
             y_axis_label="bytes / second",
             tools="",
@@ -162,11 +164,10 @@ class StorageThroughput:
         ]
         self.root.legend.location = "top_left"
         self.root.legend.background_fill_alpha = 0.5
-        self.root.y_range.start = 0
         self.root.yaxis.formatter = NumeralTickFormatter(format=BYTES)
         self.root.add_tools(
             HoverTool(
-                renderers=lines[:1],
+                renderers=list[Any](lines[:1]),
                 mode="vline",
                 formatters={"@time": "datetime"},
                 tooltips=_tooltip(
@@ -191,86 +192,87 @@ class StorageThroughput:
         )
 
 
-def _table(name: str, columns: list[tuple[str, str, int]], **kwargs: Any) -> DataTable:
-    return DataTable(
-        source=ColumnDataSource({field: [] for field, _, _ in columns}),
-        columns=[TableColumn(field=f, title=t, width=w) for f, t, w in columns],
-        index_position=None,
-        sortable=False,
-        name=name,
-        **kwargs,
-    )
+#: Tables in the dashboard's look (Bokeh's fonts and table colours).
+TABLE_STYLE = (
+    "border-collapse: collapse; font-size: 12px; font-family: var(--base-font, sans-serif);"
+)
+TH_STYLE = "padding: 4px 10px; border-bottom: 1px solid #bbb; font-weight: normal; color: #555;"
+TD_STYLE = "padding: 3px 10px; border-bottom: 1px solid #eee; white-space: nowrap;"
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table, the first column left-aligned and the others right-aligned.
+
+    A table of text in a ``Div`` rather than Bokeh's ``DataTable``: BokehJS 3.9 redraws a
+    ``DataTable`` only when its number of rows changes, and these keep theirs.
+    """
+    e = html.escape
+
+    def cells(tag: str, style: str, values: list[str]) -> str:
+        return "".join(
+            f'<{tag} style="{style} text-align: {"left" if i == 0 else "right"};">{e(v)}</{tag}>'
+            for i, v in enumerate(values)
+        )
+
+    body = "".join(f"<tr>{cells('td', TD_STYLE, row)}</tr>" for row in rows)
+    return f'<table style="{TABLE_STYLE}"><tr>{cells("th", TH_STYLE, header)}</tr>{body}</table>'
 
 
 class StorageHoldings:
     """What this cluster holds in the store, what the store holds, and what was reused."""
 
     def __init__(self, **kwargs: Any):
-        self.header = Div(text="", name="storage_store")
-        self.table = _table(
-            "storage_holdings",
-            [("what", "Results", 200), ("keys", "Keys", 80), ("bytes", "Bytes", 80)],
-            height=190,
-            **kwargs,
-        )
-        self.root = column(self.header, self.table, sizing_mode=kwargs.get("sizing_mode"))
+        self.root = Div(text="", name="storage_holdings", **kwargs)
 
     def update(self, status: StorageStatus | None) -> None:
         if status is None:
-            self.header.text = "<b>storage_scheduler is not running on this scheduler</b>"
-            _replace(self.table.source, {"what": [], "keys": [], "bytes": []})
+            self.root.text = "<b>storage_scheduler is not running on this scheduler</b>"
             return
-        writing = "writing new results" if status["writing"] else "not writing new results"
-        self.header.text = f"<b>Store</b> <code>{html.escape(status['url'])}</code> ({writing})"
         b = format_bytes
         rows = [
-            ("held by this cluster", status["keys_in_lanes"], b(status["bytes_in_lanes"])),
-            ("in the store (catalog)", status["catalog_keys"], b(status["catalog_bytes"])),
-            ("stored since start", status["stored_total"], b(status["stored_bytes_total"])),
-            ("reused instead of computed", status["reused_total"], ""),
-            ("recomputed: missing or corrupt", status["unreadable_total"], ""),
-            ("deleted (lifecycle)", status["deleted_total"], ""),
+            ["held by this cluster", str(status["keys_in_lanes"]), b(status["bytes_in_lanes"])],
+            ["in the store (catalog)", str(status["catalog_keys"]), b(status["catalog_bytes"])],
+            ["stored since start", str(status["stored_total"]), b(status["stored_bytes_total"])],
+            ["reused instead of computed", str(status["reused_total"]), ""],
+            ["recomputed: missing or corrupt", str(status["unreadable_total"]), ""],
+            ["deleted (lifecycle)", str(status["deleted_total"]), ""],
         ]
-        _replace(
-            self.table.source,
-            {
-                "what": [r[0] for r in rows],
-                "keys": [str(r[1]) for r in rows],
-                "bytes": [r[2] for r in rows],
-            },
+        writing = "writing new results" if status["writing"] else "not writing new results"
+        self.root.text = (
+            f"<p><b>Store</b> <code>{html.escape(status['url'])}</code> ({writing})</p>"
+            + html_table(["Results", "Keys", "Bytes"], rows)
         )
 
 
 class StorageWorkers:
     """Per worker: RAM, store traffic and write failures, as a table."""
 
-    COLUMNS = [
-        ("worker", "Worker", 180),
-        ("results_ram", "RAM: results", 90),
-        ("tasks_ram", "RAM: tasks", 90),
-        ("bytes_written", "Written", 90),
-        ("objects_written", "Objects", 60),
-        ("bytes_read", "Read", 90),
-        ("write_failures", "Write failures", 60),
-        ("not_stored", "Peer fallbacks", 60),
-        ("writes_in_flight", "Uploading", 60),
-    ]
+    COLUMNS = (
+        ("name", "Worker"),
+        ("results_ram", "RAM: results"),
+        ("tasks_ram", "RAM: tasks"),
+        ("bytes_written", "Written"),
+        ("objects_written", "Objects"),
+        ("bytes_read", "Read"),
+        ("write_failures", "Write failures"),
+        ("not_stored", "Peer fallbacks"),
+        ("writes_in_flight", "Uploading"),
+    )
+    BYTES = frozenset({"results_ram", "tasks_ram", "bytes_written", "bytes_read"})
 
     def __init__(self, **kwargs: Any):
-        self.root = _table("storage_workers", self.COLUMNS, **kwargs)
-        self.source = self.root.source
+        self.root = Div(text="", name="storage_workers", **kwargs)
 
     def update(self, status: StorageStatus | None) -> None:
-        workers = status["workers"] if status else []
-        data: dict[str, list[Any]] = {}
-        for field, _, _ in self.COLUMNS:
-            if field == "worker":
-                data[field] = [w["name"] for w in workers]
-            elif field in ("results_ram", "tasks_ram", "bytes_written", "bytes_read"):
-                data[field] = [format_bytes(w[field]) for w in workers]  # type: ignore[literal-required]
-            else:
-                data[field] = [str(w[field]) for w in workers]  # type: ignore[literal-required]
-        _replace(self.source, data)
+        rows = [
+            [
+                format_bytes(value) if field in self.BYTES else str(value)
+                for field, _ in self.COLUMNS
+                for value in [w[field]]  # type: ignore[literal-required]
+            ]
+            for w in (status["workers"] if status else [])
+        ]
+        self.root.text = html_table([title for _, title in self.COLUMNS], rows)
 
 
 #: The individual plots by URL, as Dask names its own (``/individual-<name>``).

@@ -53,7 +53,7 @@ def _worker_rows(st: StorageStatus) -> list[tuple[str, ...]]:
     """The per-worker rows of the table and their total, formatted."""
     b = format_bytes
     ws = st["workers"]
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             w["name"],
             b(w["results_ram"]),
@@ -180,8 +180,10 @@ async def _status(client: Client) -> StorageReport:
     scheduler: Any = client.scheduler  # its storage handlers are not in distributed's stubs
     try:
         data = await scheduler.storage_status()
-    except Exception as e:  # no such handler: storage is not running there
+    except Exception as e:
         raise StorageSchedulerError(f"storage is not enabled on this cluster ({e})") from e
+    if not isinstance(data, dict):  # no such handler: the scheduler answers None
+        raise StorageSchedulerError("storage is not enabled on this cluster")
     return StorageReport(cast(StorageStatus, data))
 
 
