@@ -196,8 +196,8 @@ class StorageThroughput:
 TABLE_STYLE = (
     "border-collapse: collapse; font-size: 12px; font-family: var(--base-font, sans-serif);"
 )
-TH_STYLE = "padding: 4px 10px; border-bottom: 1px solid #bbb; font-weight: normal; color: #555;"
-TD_STYLE = "padding: 3px 10px; border-bottom: 1px solid #eee; white-space: nowrap;"
+TH_STYLE = "padding: 4px 6px; border-bottom: 1px solid #bbb; font-weight: normal; color: #555;"
+TD_STYLE = "padding: 3px 6px; border-bottom: 1px solid #eee; white-space: nowrap;"
 
 
 def html_table(header: list[str], rows: list[list[str]]) -> str:
