@@ -17,6 +17,7 @@ from storage_scheduler._exceptions import (
     UntrustedObjectError,
 )
 from storage_scheduler.config import SchedulerSettings, StoreSettings, WorkerSettings
+from storage_scheduler.dashboard import StorageReport, status
 from storage_scheduler.enable import disable, enable
 from storage_scheduler.preload import dask_setup, dask_teardown
 from storage_scheduler.scheduler import StorageSchedulerPlugin
@@ -28,6 +29,7 @@ __all__ = [
     "MissingObjectError",
     "SchedulerSettings",
     "StorageConfigError",
+    "StorageReport",
     "StorageSchedulerError",
     "StorageSchedulerPlugin",
     "StorageWorkerPlugin",
@@ -41,4 +43,5 @@ __all__ = [
     "dask_teardown",
     "disable",
     "enable",
+    "status",
 ]

@@ -349,6 +349,8 @@ def status(scheduler_address: str, timeout: str) -> None:
     """Task RAM and stored bytes per worker of a running cluster, and the store's totals."""
     from distributed.core import rpc
 
+    from storage_scheduler.dashboard.report import format_status
+
     async def fetch() -> StorageStatus:
         async with rpc(  # type: ignore[no-untyped-call]
             scheduler_address, timeout=parse_timedelta(timeout)
@@ -366,44 +368,4 @@ def status(scheduler_address: str, timeout: str) -> None:
                     f"storage_scheduler is not running on {scheduler_address} ({e})"
                 ) from e
 
-    st = asyncio.run(fetch())
-    b = format_bytes
-    click.echo(f"store: {st['url']}  ({'writing' if st['writing'] else 'not writing new results'})")
-    click.echo(
-        f"held by this cluster: {st['keys_in_lanes']} keys, {b(st['bytes_in_lanes'])}; "
-        f"in the store: {st['catalog_keys']} keys, {b(st['catalog_bytes'])}; "
-        f"reused: {st['reused_total']}; recomputed (lost/corrupt): {st['unreadable_total']}"
-    )
-    header = ("worker", "RAM results", "RAM tasks", "written", "read", "failures", "fallbacks")
-    rows = [
-        (
-            w["name"],
-            b(w["results_ram"]),
-            b(w["tasks_ram"]),
-            b(w["bytes_written"]),
-            b(w["bytes_read"]),
-            str(w["write_failures"]),
-            str(w["not_stored"]),
-        )
-        for w in st["workers"]
-    ]
-    ws = st["workers"]
-    rows.append(
-        (
-            "total",
-            b(sum(w["results_ram"] for w in ws)),
-            b(sum(w["tasks_ram"] for w in ws)),
-            b(sum(w["bytes_written"] for w in ws)),
-            b(sum(w["bytes_read"] for w in ws)),
-            str(sum(w["write_failures"] for w in ws)),
-            str(sum(w["not_stored"] for w in ws)),
-        )
-    )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+    click.echo(format_status(asyncio.run(fetch())))

@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"_exceptions", "config", "progress", "store"},
     "comm": {"_compat", "_protocol", "store"},
     "metrics": {"_compat", "_protocol", "store"},
-    "dashboard": {"_protocol"},
+    "dashboard": {"_compat", "_exceptions", "_protocol"},
     "worker": {
         "_compat",
         "_exceptions",

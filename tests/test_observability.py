@@ -1,10 +1,10 @@
-"""Prometheus metrics, the /storage dashboard page, and dask storage status."""
+"""Prometheus metrics, the storage views on the dashboard, and the storage status."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +12,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 
 import dask
 from dask import delayed
+from dask.utils import format_bytes
 from distributed import wait
 from distributed.utils_test import async_poll_for, fetch_metrics, gen_test
 
-from storage_scheduler import Store
+from storage_scheduler import Store, _compat
+from storage_scheduler.dashboard.plots import STORE_ROW
 from storage_scheduler.metrics import METRICS
 from storage_scheduler.scheduler.status import heartbeat_of
-from tests.utils import async_poll_until, cataloged_keys, storage_cluster
+from tests.cdp import Chromium, chromium
+from tests.cluster_cli import cluster_env
+from tests.utils import async_poll_until, cataloged_keys, enable_storage, storage_cluster
 
 pytestmark = [pytest.mark.slow]
 
@@ -102,65 +107,162 @@ async def test_metrics_move_with_a_computation(tmp_path: Path) -> None:
             assert values(sched, "keys_reused_total")[()] == 6
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     chromium() is None and not os.environ.get("CI"),
     reason="needs Debian's chromium (ci/test.sh installs it)",
 )
-@gen_test(timeout=120)
-async def test_dashboard_page_in_chromium(tmp_path: Path) -> None:
+
+STORAGE_PLOTS = [
+    "/individual-storage-memory",
+    "/individual-storage-throughput",
+    "/individual-storage-holdings",
+    "/individual-storage-workers",
+]
+
+
+async def run_workload(c: Any, plugin: Any) -> list[Any]:
+    """Store 6 results and read one back, after the history's first sample: the
+    throughput chart then shows both. Returns the futures, which keep them stored."""
+    await async_poll_for(lambda: len(plugin.history.samples) >= 1, timeout=10)
+    x = c.submit(np.random.random, 200_000, key="x")
+    sums = [c.submit(np.sum, x, key=f"sum-{i}") for i in range(5)]
+    await wait(sums)
+    return [x, *sums]
+
+
+def page_has_data(s: Any, plugin: Any) -> bool:
+    """Heartbeats carry the workers' store figures, and the throughput history's last
+    sample (one a second at most) came after the writes and the reads."""
+    samples = plugin.history.samples
+    return (
+        heartbeats_carry_writes(s, plugin)
+        and len(samples) >= 2
+        and samples[-1][1] == plugin.counters.stored_bytes
+        and samples[-1][2] > 0
+    )
+
+
+async def fetch_json(url: str) -> Any:
+    return json.loads((await AsyncHTTPClient().fetch(url)).body)
+
+
+@needs_chromium
+@gen_test(timeout=180)
+async def test_dashboard_in_chromium(tmp_path: Path) -> None:
+    """The storage page is in Dask's menu, its plots in /individual-plots.json; each
+    renders in Chromium, without console errors, with the cluster's figures."""
     url = str(tmp_path / "store")
     async with storage_cluster(url) as (c, s, plugin):
-        x = c.submit(np.random.random, 200_000, key="x")
-        futures = [c.submit(np.sum, x, key=f"sum-{i}") for i in range(5)]
-        await wait(futures)
-
-        def page_has_data() -> bool:
-            # Heartbeats carry the workers' store figures, and the throughput chart has
-            # two history samples (one a second at most), the last after the writes.
-            samples = plugin.history.samples
-            return (
-                heartbeats_carry_writes(s, plugin)
-                and len(samples) >= 2
-                and samples[-1][1] == plugin.counters.stored_bytes
+        base = f"http://127.0.0.1:{s.http_server.port}"
+        plots = await fetch_json(base + "/individual-plots.json")
+        assert set(STORAGE_PLOTS) <= set(plots.values())
+        names = sorted(s.workers)  # in-process workers are named by address
+        async with Chromium(tmp_path / "profile") as browser:
+            await browser.open(base + "/status")
+            menu = await browser.evaluate(
+                "[...document.querySelectorAll('.navbar a')]"
+                ".map(a => [a.getAttribute('href'), a.textContent.trim()])"
             )
+            assert ["storage", "Storage"] in menu  # Dask's own menu, on Dask's page
+            assert ["individual-storage-memory", "Storage Memory"] in menu  # "More..."
+            assert not browser.errors()
 
-        await async_poll_for(page_has_data, timeout=15)
-        page = f"http://127.0.0.1:{s.http_server.port}/storage"
-        exe = chromium()
-        assert exe, "chromium is not installed"
-        args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            "--dump-dom",
-            page,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        dom, _ = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0
-        text = dom.decode()
-        assert "<h1>Storage</h1>" in text and "Traceback" not in text
-        for addr in s.workers:
-            assert addr in text
-        assert "results stored since start</dt><dd>6 (" in text
-        assert "<polyline" in text  # the throughput chart has data
-        shot = Path(os.environ.get("STORAGE_SCHEDULER_SCREENSHOT", tmp_path / "storage.png"))
-        proc = await asyncio.create_subprocess_exec(
-            *args, f"--screenshot={shot}", "--window-size=1100,800", page,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        await asyncio.wait_for(proc.wait(), 60)
-        assert shot.stat().st_size > 10_000
+            # Opened before the work: the page must refresh itself.
+            await browser.open(base + "/storage")
+            await browser.wait_for_text("held by this cluster", *names, url)
+            futures = await run_workload(c, plugin)
+            await async_poll_for(lambda: page_has_data(s, plugin), timeout=15)
+            st = plugin.storage_status()
+            written = [w["bytes_written"] for w in st["workers"]]
+            assert all(written) and st["stored_total"] == 6 and st["keys_in_lanes"] == 6
+            text = await browser.wait_for_text(
+                *map(format_bytes, written), format_bytes(st["bytes_in_lanes"])
+            )
+            assert "Traceback" not in text
+            memory = await browser.source_data("storage_memory")
+            assert memory is not None
+            assert memory["worker"] == [*names, STORE_ROW]
+            assert memory["stored"] == [*written, st["bytes_in_lanes"]]
+            assert not browser.errors()
+            shot = Path(os.environ.get("STORAGE_SCHEDULER_SCREENSHOT", tmp_path / "storage.png"))
+            await browser.screenshot(shot)
+            assert shot.stat().st_size > 10_000
+
+            for plot in STORAGE_PLOTS:
+                await browser.open(base + plot)
+                await browser.wait_for("window.Bokeh && Bokeh.documents.length > 0")
+                if plot.endswith("memory"):
+                    memory = await browser.source_data("storage_memory")
+                    assert memory is not None and memory["worker"] == [*names, STORE_ROW]
+                    assert memory["stored"] == [*written, st["bytes_in_lanes"]]
+                elif plot.endswith("throughput"):
+                    rates = await browser.source_data("storage_throughput")
+                    assert rates is not None and rates["time"]
+                    assert max(rates["written"]) > 0 and max(rates["read"]) > 0
+                    # Points of the scheduler's history, in ms since the epoch.
+                    history = {t * 1000 for t, _, _ in plugin.history.samples}
+                    assert set(rates["time"]) <= history
+                elif plot.endswith("holdings"):
+                    await browser.wait_for_text(
+                        "stored since start", format_bytes(st["stored_bytes_total"]), url
+                    )
+                else:
+                    await browser.wait_for_text(*names, *map(format_bytes, written))
+                assert not browser.errors(), plot
+        del futures
+
+
+@needs_chromium
+@gen_test(timeout=120)
+async def test_plain_page_without_the_bokeh_dashboard(tmp_path: Path) -> None:
+    """A scheduler without Dask's Bokeh dashboard serves the plain /storage page."""
+    from distributed import Client, Scheduler, Worker
+
+    url = str(tmp_path / "store")
+    async with Scheduler(dashboard=False, dashboard_address="127.0.0.1:0") as s:
+        assert _compat.bokeh_server(s) is None
+        plugin = await enable_storage(s, url)
+        async with (
+            Worker(s.address, nthreads=1),
+            Worker(s.address, nthreads=1),
+            Client(s.address, asynchronous=True) as c,
+        ):
+            await run_workload(c, plugin)
+            await async_poll_for(lambda: page_has_data(s, plugin), timeout=15)
+            async with Chromium(tmp_path / "profile") as browser:
+                await browser.open(f"http://127.0.0.1:{s.http_server.port}/storage")
+                text = await browser.evaluate("document.documentElement.outerHTML")
+                assert not browser.errors()
+            assert "<h1>Storage</h1>" in text and "Traceback" not in text
+            for addr in s.workers:
+                assert addr in text
+            assert "results stored since start</dt><dd>6 (" in text
+            assert "<polyline" in text  # the throughput chart has data
+
+
+def test_plain_page_when_bokeh_is_missing(tmp_path: Path) -> None:
+    """Without bokeh (an optional dependency of distributed), /storage is the plain page."""
+    script = f"""
+import sys, asyncio, urllib.request
+sys.modules["bokeh"] = None  # not installed
+from distributed import Scheduler
+from tests.utils import enable_storage
+
+async def main():
+    async with Scheduler(dashboard_address="127.0.0.1:0") as s:
+        await enable_storage(s, {str(tmp_path / "store")!r})
+        page = f"http://127.0.0.1:{{s.http_server.port}}/storage"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(page).read().decode())
+        print("bokeh" in sys.modules and sys.modules["bokeh"] is None, text)
+
+asyncio.run(main())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env=cluster_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True ") and "<h1>Storage</h1>" in out.stdout
 
 
 @gen_test(timeout=90)

@@ -18,7 +18,7 @@ from distributed import worker_state_machine as wsm
 from distributed.active_memory_manager import ActiveMemoryManagerExtension
 from distributed.comm.core import Comm
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
-from distributed.utils_test import gen_cluster, inc
+from distributed.utils_test import gen_cluster, gen_test, inc
 
 from storage_scheduler import _compat
 
@@ -367,3 +367,48 @@ async def test_send_to_worker_ahead_of_the_task(c: Any, s: Scheduler, a: Worker)
 
     await s.register_scheduler_plugin(Sender(), name="sender", idempotent=False)
     assert await c.submit(saw_message_first, "t", key="t") is True
+
+
+# ----------------------------------------------------------------------- dashboard
+
+
+@gen_test()
+async def test_bokeh_dashboard_hooks() -> None:
+    """Dask's Bokeh server takes documents while it runs, serves them, lists individual
+    ones in /individual-plots.json, and renders its pages with the shared menu lists."""
+    import json
+
+    from bokeh.models import Div
+    from bokeh.themes import Theme
+    from tornado.httpclient import AsyncHTTPClient
+
+    def doc(d: Any) -> None:
+        d.add_root(Div(text="hook"))
+        d.title = "hook-test-title"
+
+    async with Scheduler(dashboard_address="127.0.0.1:0") as s:
+        server = _compat.bokeh_server(s)
+        assert server is not None and "/status" in server.app_paths
+        url = "/individual-hook-test"
+        assert _compat.add_bokeh_applications(server, {url: doc}) == [url]
+        assert _compat.add_bokeh_applications(server, {url: doc}) == []  # once
+        menus = _compat.dashboard_menus(s)
+        assert menus["pages"][0] == "status"
+        assert {"url": "individual-workers-memory", "name": "Workers Memory"} in menus["plots"]
+        menus["pages"].append("hook-page")
+
+        http = AsyncHTTPClient()
+        base = f"http://127.0.0.1:{s.http_server.port}"
+        assert "hook-test-title" in (await http.fetch(base + url)).body.decode()
+        plots = json.loads((await http.fetch(base + "/individual-plots.json")).body)
+        assert plots["Individual Hook Test"] == url
+        # The menu of Dask's own pages is the list extended above.
+        assert 'href="hook-page"' in (await http.fetch(base + "/workers")).body.decode()
+
+    theme, template = _compat.dashboard_look()
+    assert isinstance(theme, Theme)
+    page = template.render(pages=["a-page"], plots=[{"url": "a-plot", "name": "A"}])
+    assert 'href="a-page"' in page and 'href="a-plot"' in page and "plot_div" not in page
+
+    async with Scheduler(dashboard=False, dashboard_address="127.0.0.1:0") as s:
+        assert _compat.bokeh_server(s) is None

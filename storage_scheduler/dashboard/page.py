@@ -1,4 +1,5 @@
-"""A ``/storage`` page on the scheduler's dashboard server.
+"""The plain ``/storage`` page: the fallback when Dask's Bokeh dashboard is not running
+(bokeh, an optional dependency of distributed, is not installed, or the dashboard is off).
 
 Task RAM against stored bytes per worker, store throughput over time, and what the
 cluster reused. Served by the same HTTP server as Dask's dashboard (next to ``/status``),
@@ -22,7 +23,7 @@ from storage_scheduler._protocol import PLUGIN_NAME, StorageStatus
 if TYPE_CHECKING:
     from distributed import Scheduler
 
-__all__ = ["add_dashboard_page", "render_page"]
+__all__ = ["add_plain_page", "render_page"]
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -53,8 +54,8 @@ class StoragePage(web.RequestHandler):
         self.write(render_page(plugin.storage_status()))
 
 
-def add_dashboard_page(scheduler: Scheduler) -> None:
-    """Serve ``/storage`` from the scheduler's HTTP server.
+def add_plain_page(scheduler: Scheduler) -> None:
+    """Serve the plain ``/storage`` page from the scheduler's HTTP server.
 
     The page finds the plugin in ``scheduler.plugins`` at each request, so a second
     registration on the same server (the plugin removed and added again) is harmless:
@@ -151,6 +152,7 @@ def render_page(status: StorageStatus) -> str:
     ]
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+<link rel="icon" href="data:,">
 <title>Storage — storage_scheduler</title><style>{STYLE}</style></head>
 <body>
 <h1>Storage</h1>
