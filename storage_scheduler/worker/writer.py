@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,8 @@ class ResultWriter:
     stats: WriterStats
     #: Set when the worker plugin is torn down: tasks still running are not stored.
     closed: bool
+    #: Told of each result the store holds, with its token, before the worker keeps it.
+    on_stored: Callable[[Any, str | None], None] | None
     #: Until when (``time.monotonic``) results skip a store that failed.
     _skip_until: float
     #: Error types already logged.
@@ -80,6 +83,7 @@ class ResultWriter:
         self.settings = settings
         self.stats = WriterStats()
         self.closed = False
+        self.on_stored = None
         self._skip_until = 0.0
         self._warned = set()
 
@@ -124,6 +128,8 @@ class ResultWriter:
             metadata[METADATA_KEY] = (
                 StoredResult(loaded=True, token=loaded) if loaded else StoredResult(loaded=True)
             )
+            if self.on_stored is not None:
+                self.on_stored(key, loaded)
             return
         spec, annotations, version = ts.run_spec, ts.annotations, self.settings.version
         detached = self._release_thread_slot(ts, event)
@@ -147,6 +153,8 @@ class ResultWriter:
         context_meter.digest_metric("store-write", 1, "count")
         context_meter.digest_metric("store-write", nbytes, "bytes")
         metadata[METADATA_KEY] = StoredResult(nbytes=nbytes, token=tokens[0], created=created)
+        if self.on_stored is not None:
+            self.on_stored(key, tokens[0])
         self.stats.stored += 1
         if self._skip_until:
             self._skip_until = 0.0
