@@ -72,6 +72,7 @@ __all__ = [
     "send_to_worker",
     "set_comm_addresses",
     "set_run_spec",
+    "spilled_to_disk",
     "swap_state_class",
     "undo_put_in_memory",
     "worker_task",
@@ -284,6 +285,16 @@ def restore_spill_buffer(data: SpillBuffer) -> None:
     """Undo :func:`adopt_spill_buffer`."""
     data.__class__ = SpillBuffer
     _rebind_eviction(data)
+
+
+def spilled_to_disk(worker: Worker | None) -> tuple[int, int]:
+    """Bytes (pickled) the worker's ``SpillBuffer`` holds on local disk now, and has
+    written there since the worker started (its ``disk-write`` metric); zeros without one."""
+    data = worker.data if worker is not None else None
+    if not isinstance(data, SpillBuffer):
+        return 0, 0
+    now = SpillBuffer.spilled_total.fget(data).disk  # type: ignore[attr-defined]
+    return int(now), int(data.cumulative_metrics.get(("disk-write", "bytes"), 0))
 
 
 def _rebind_eviction(data: SpillBuffer) -> None:

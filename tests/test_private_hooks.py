@@ -429,3 +429,15 @@ async def test_handler_wrapping_and_reschedule(c: Any, s: Scheduler, a: Worker) 
     finally:
         _compat.restore_execute(a, original_execute)
     assert rescheduled == ["y"]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"memory_limit": "1 GiB"})
+async def test_spilled_to_disk(c: Any, s: Scheduler, a: Worker) -> None:
+    """The SpillBuffer's bytes on disk, and its cumulative disk-write metric."""
+    assert _compat.spilled_to_disk(a) == (0, 0)
+    x = c.submit(bytes, 1000, key="x")
+    await x
+    assert a.data.evict() > 0  # type: ignore[attr-defined]
+    now, written = _compat.spilled_to_disk(a)
+    assert now > 0 and written == now
+    assert _compat.spilled_to_disk(None) == (0, 0)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 import dask
 from distributed import wait
@@ -149,3 +150,42 @@ async def test_peer_reads_a_dropped_result_from_its_holder(c, s, a, b, tmp_path:
     assert await total == 0.0
     assert any(e["who"] == a.address for e in b.transfer_incoming_log)
     await async_poll_until(lambda: a.data.stats.read_back >= 1)  # type: ignore[union-attr]
+
+
+@gen_cluster(**ONE_TIGHT_WORKER)
+async def test_evictions_and_spills_are_reported(c, s, a, tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    from distributed.utils_test import fetch_metrics
+
+    from storage_scheduler._protocol import HEARTBEAT_KEY
+
+    await enable_storage(s, str(tmp_path / "store"))
+    with dask.annotate(storage=False):
+        kept = c.compute(dask.delayed(full)(99, dask_key_name="unstored"))
+    xs = c.map(full, range(8), key=[f"x-{i}" for i in range(8)])
+    await wait([kept, *xs])
+    data = a.data
+    assert isinstance(data, StoreSpillBuffer)
+    await a.heartbeat()
+    beat = s.workers[a.address].metrics[HEARTBEAT_KEY]
+    assert beat["evicted_bytes"] == data.stats.evicted_bytes >= 3 * 10 * MiB
+    assert beat["dropped_bytes"] == data.dropped_bytes > 0
+    assert beat["spilled_bytes"] == beat["spill_written_bytes"] == 0
+    assert beat["not_stored_by_reason"] == {"annotation": 1}
+    # The scheduler's managed memory is what is in RAM: not the dropped results.
+    assert s.workers[a.address].memory.managed == data.fast.total_weight
+
+    prefix = "dask_storage_scheduler"
+    metrics = await fetch_metrics(a.http_server.port, prefix)
+
+    def value(name: str, **labels: str) -> float:
+        samples = metrics[f"{prefix}_{name}"].samples
+        return sum(x.value for x in samples if labels.items() <= x.labels.items())
+
+    assert value("worker_evicted_bytes", worker=a.address) == data.stats.evicted_bytes
+    assert value("worker_dropped_bytes", worker=a.address) == data.dropped_bytes
+    assert value("worker_spilled_bytes", worker=a.address) == 0
+    assert value("worker_not_stored", worker=a.address, reason="annotation") == 1
+    assert value("worker_memory_bytes", worker=a.address, type="results") == (
+        data.fast.total_weight
+    )

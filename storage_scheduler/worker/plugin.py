@@ -271,6 +271,9 @@ class StorageWorkerPlugin(WorkerPlugin):
         """This worker's store traffic, as sent to the scheduler with each heartbeat."""
         counters = self.store.counters if self.store is not None else None
         stats = self.writer.stats if self.writer is not None else None
+        buffer = self.buffer
+        evicted = buffer.stats if buffer is not None else None
+        spilled, written = _compat.spilled_to_disk(self.worker)
         return Heartbeat(
             bytes_written=counters.bytes_written if counters else 0,
             objects_written=counters.objects_written if counters else 0,
@@ -279,4 +282,12 @@ class StorageWorkerPlugin(WorkerPlugin):
             write_failures=stats.write_failures if stats else 0,
             not_stored=stats.not_stored if stats else 0,
             untrusted_objects=counters.objects_untrusted if counters else 0,
+            not_stored_by_reason=dict(stats.not_stored_by_reason) if stats else {},
+            evicted_bytes=evicted.evicted_bytes if evicted else 0,
+            evicted=evicted.evicted if evicted else 0,
+            dropped_bytes=buffer.dropped_bytes if buffer is not None else 0,
+            read_back=evicted.read_back if evicted else 0,
+            lost=evicted.lost if evicted else 0,
+            spilled_bytes=spilled,
+            spill_written_bytes=written,
         )

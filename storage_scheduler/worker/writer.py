@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
@@ -53,6 +54,12 @@ class WriterStats:
     write_failures: int = 0
     #: Writes running after their task gave its thread slot back.
     writes_detached: int = 0
+    #: Results not stored, by reason (see ``Heartbeat.not_stored_by_reason``).
+    not_stored_by_reason: Counter[str] = field(default_factory=Counter)
+
+    def skipped(self, reason: str) -> None:
+        self.not_stored += 1
+        self.not_stored_by_reason[reason] += 1
 
 
 class ResultWriter:
@@ -108,15 +115,19 @@ class ResultWriter:
         if ts is None:
             return False
         choice = (ts.annotations or {}).get("storage")
-        if self.settings.results == "annotated":
-            return choice is True
-        return choice is not False
+        if self.settings.results == "annotated" and choice is not True:
+            self.stats.skipped("not-annotated")
+            return False
+        if choice is False:
+            self.stats.skipped("annotation")
+            return False
+        return True
 
     async def store_result(self, key: Any, event: ExecuteSuccessEvent) -> None:
         if self.closed or not self._wants_stored(key):
             return
         if time.monotonic() < self._skip_until:
-            self.stats.not_stored += 1
+            self.stats.skipped("store-down")
             return
         ts = _compat.worker_task(self.worker, key)
         if ts is None:
@@ -177,7 +188,7 @@ class ResultWriter:
 
     def _write_failed(self, key: Any, error: Exception) -> None:
         self.stats.write_failures += 1
-        self.stats.not_stored += 1
+        self.stats.skipped("write-failed")
         if isinstance(error, OSError):
             # The store itself failed: skip it for a while; warn once per outage.
             if not self._skip_until:
