@@ -93,6 +93,7 @@ def _traffic(dask_worker: Any) -> dict[str, int]:
         "peer_bytes": dask_worker.transfer_outgoing_bytes_total,
         "store_bytes_written": figures.get("bytes_written", 0),
         "store_bytes_read": figures.get("bytes_read", 0),
+        "evicted_bytes": figures.get("evicted_bytes", 0),
     }
 
 
@@ -108,6 +109,13 @@ def cluster_figures(cluster: LocalCluster, client: Client, sampler: Sampler) -> 
     spilled = client.run(
         lambda dask_worker: getattr(dask_worker.data, "spilled_total", (0, 0))[1], on_error="ignore"
     )
+    # What went to the spill directory over the run (spilled_total is only what is left).
+    spill_written = client.run(
+        lambda dask_worker: int(
+            getattr(dask_worker.data, "cumulative_metrics", {}).get(("disk-write", "bytes"), 0)
+        ),
+        on_error="ignore",
+    )
     traffic = client.run(_traffic, on_error="ignore").values()
     return {
         **{
@@ -121,6 +129,10 @@ def cluster_figures(cluster: LocalCluster, client: Client, sampler: Sampler) -> 
         ),
         "worker_restarts": sum(1 for m in events if m.get("action") == "remove-worker"),
         "spilled_bytes": int(sum(v for v in spilled.values() if isinstance(v, int))),
+        "spill_written_bytes": int(sum(v for v in spill_written.values() if isinstance(v, int))),
+        "evicted_bytes": int(
+            sum(t.get("evicted_bytes", 0) for t in traffic if isinstance(t, dict))
+        ),
         "peak_rss": sorted(sampler.peaks.values()),
     }
 
@@ -139,7 +151,9 @@ def summary(label: str, row: dict[str, Any], memory_limit: str) -> str:
         f"{label:>8}: {'completed' if row['completed'] else 'FAILED'} in {row['wall_seconds']:.1f} s, "
         f"restarts {row['worker_restarts']}, pauses {row['pauses']}, "
         f"peak RSS {', '.join(format_bytes(r) for r in row['peak_rss'])} "
-        f"(limit {memory_limit}), spilled {format_bytes(row['spilled_bytes'])}, "
+        f"(limit {memory_limit}), spilled {format_bytes(row['spilled_bytes'])} "
+        f"(written to disk {format_bytes(row.get('spill_written_bytes', 0))}), "
+        f"dropped without a write {format_bytes(row.get('evicted_bytes', 0))}, "
         f"peer-to-peer {format_bytes(row['peer_bytes'])}, "
         f"store written/read {format_bytes(row['store_bytes_written'])}/{format_bytes(row['store_bytes_read'])}"
         + ("" if row["completed"] else f" — {row['error']}")

@@ -6,7 +6,8 @@ processes with nannies, one thread each, ``--memory-limit`` each), one after the
 
 * stock Dask, ``rechunk(method="tasks")``;
 * stock Dask, ``rechunk(method="p2p")`` (distributed's shuffle service);
-* storage_scheduler with ``memory-relief: always`` and a local directory store, with
+* storage_scheduler with its default settings (``memory-relief: pressure``: workers drop
+  stored results from RAM instead of spilling them) and a local directory store, with
   ``method="tasks"`` (``storage-tasks``: every intermediate lives in the store, not in
   worker RAM) and with ``method="p2p"`` (``storage-p2p``: the shuffle service moves the
   pieces, the store holds the rechunked chunks).
@@ -14,7 +15,11 @@ processes with nannies, one thread each, ``--memory-limit`` each), one after the
 Reported per run: completed, wall time, worker restarts and pauses, peak RSS per worker,
 bytes spilled; and the faster storage run's wall time against the faster stock method::
 
-    python -m benchmarks.rechunk [--size-gib 16] [--memory-limit 2GiB] [--json out.jsonl]
+    python -m benchmarks.rechunk [--size-gib 16] [--memory-limit 2GiB] [--chunk-mib 128]
+        [--json out.jsonl]
+
+A reduced run keeps the pressure and the graph of the full one when all three shrink
+together: ``--size-gib 2 --memory-limit 256MiB --chunk-mib 16`` is the 16 GiB run at 1/8.
 """
 
 from __future__ import annotations
@@ -35,19 +40,24 @@ from benchmarks.common import append_jsonl, bench_cluster, cluster_figures, envi
 METHODS = ["tasks", "p2p", "storage-tasks", "storage-p2p"]
 
 
-def source(size_gib: float) -> da.Array:
+def source(size_gib: float, chunk_mib: float = 128) -> da.Array:
     side = int((size_gib * 2**30 / 8) ** 0.5)
-    narrow = max(1, (128 * 2**20) // (8 * side))  # ~128 MiB chunks
+    narrow = max(1, int(chunk_mib * 2**20) // (8 * side))  # ~chunk_mib MiB chunks
     side = side // narrow * narrow
     return da.random.default_rng(0).random((side, side), chunks=(side, narrow))
 
 
 def run(
-    method: str, size_gib: float, memory_limit: str, work: str, timeout: float
+    method: str,
+    size_gib: float,
+    memory_limit: str,
+    work: str,
+    timeout: float,
+    chunk_mib: float = 128,
 ) -> dict[str, Any]:
     storage = method.startswith("storage")
     rechunk_method = method.removeprefix("storage-")
-    x = source(size_gib)
+    x = source(size_gib, chunk_mib)
     narrow = x.chunks[1][0]
     target = os.path.join(work, f"{method}.zarr")
     out: dict[str, Any] = {
@@ -60,7 +70,8 @@ def run(
         "workers": 2,
         "memory_limit": parse_bytes(memory_limit),
     }
-    with bench_cluster(memory_limit, f"file://{work}/store" if storage else None) as (
+    url = f"file://{work}/store" if storage else None
+    with bench_cluster(memory_limit, url, relief=None) as (
         cluster,
         client,
         sampler,
@@ -88,6 +99,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gib", type=float, default=16)
     parser.add_argument("--memory-limit", default="2GiB")
+    parser.add_argument("--chunk-mib", type=float, default=128, help="input chunk size")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--json", help="append results as JSON lines to this file")
@@ -97,7 +109,7 @@ def main(argv: list[str]) -> int:
     for method in args.methods:
         work = tempfile.mkdtemp(prefix="rechunk-bench-")
         try:
-            row = run(method, args.size_gib, args.memory_limit, work, args.timeout)
+            row = run(method, args.size_gib, args.memory_limit, work, args.timeout, args.chunk_mib)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         row.update(environment())

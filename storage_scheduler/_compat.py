@@ -32,8 +32,10 @@ from distributed.active_memory_manager import ActiveMemoryManagerPolicy
 from distributed.core import Status
 from distributed.scheduler import TaskState, WorkerState
 from distributed.shuffle._core import P2PBarrierTask
+from distributed.spill import SpillBuffer
 from distributed.worker_state_machine import (
     ExecuteSuccessEvent,
+    RescheduleEvent,
     SecedeEvent,
     StateMachineEvent,
 )
@@ -50,6 +52,7 @@ __all__ = [
     "StoreFirstWorkerState",
     "add_bokeh_applications",
     "add_replica",
+    "adopt_spill_buffer",
     "amm_policies",
     "annotate",
     "attach_dependencies",
@@ -70,14 +73,19 @@ __all__ = [
     "release_thread_slot",
     "remove_replica",
     "replace_amm_policy",
+    "reschedule_event",
     "restore_execute",
+    "restore_handler",
+    "restore_spill_buffer",
     "send_to_worker",
     "set_comm_addresses",
     "set_run_spec",
+    "spilled_to_disk",
     "swap_state_class",
     "undo_put_in_memory",
     "worker_task",
     "wrap_execute",
+    "wrap_handler",
 ]
 
 Execute = Callable[..., Awaitable[StateMachineEvent]]
@@ -246,6 +254,61 @@ def wrap_execute(worker: Worker, wrapper: Callable[[Execute], Execute]) -> Execu
 
 def restore_execute(worker: Worker, original: Execute) -> None:
     worker.execute = original  # type: ignore[method-assign,assignment]
+
+
+def wrap_handler(
+    worker: Worker, op: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Callable[..., Any]:
+    """Replace the worker's RPC handler ``op`` (e.g. ``get_data``) by ``wrapper(original)``;
+    ``Server`` looks handlers up in ``handlers`` per request. Return the original."""
+    original: Callable[..., Any] = worker.handlers[op]
+    worker.handlers[op] = wrapper(original)
+    return original
+
+
+def restore_handler(worker: Worker, op: str, original: Callable[..., Any]) -> None:
+    worker.handlers[op] = original
+
+
+def reschedule_event(key: Any, stimulus_id: str) -> StateMachineEvent:
+    """What ``execute`` returns for a task that raised ``Reschedule``: the worker forgets
+    the task and the scheduler assigns it again."""
+    return RescheduleEvent(key=key, stimulus_id=stimulus_id)
+
+
+def adopt_spill_buffer(worker: Worker, cls: type[SpillBuffer]) -> SpillBuffer | None:
+    """Turn the worker's stock ``SpillBuffer`` into an instance of ``cls`` (a subclass
+    adding no slots), in place: the worker, its state machine and its memory manager hold
+    the same object. None if the worker has no ``SpillBuffer`` (no memory limit, or a
+    ``data=`` of its own, as dask-cuda's)."""
+    data = worker.memory_manager.data
+    if type(data) is not SpillBuffer:
+        return None
+    data.__class__ = cls
+    _rebind_eviction(data)
+    return data
+
+
+def restore_spill_buffer(data: SpillBuffer) -> None:
+    """Undo :func:`adopt_spill_buffer`."""
+    data.__class__ = SpillBuffer
+    _rebind_eviction(data)
+
+
+def spilled_to_disk(worker: Worker | None) -> tuple[int, int]:
+    """Bytes (pickled) the worker's ``SpillBuffer`` holds on local disk now, and has
+    written there since the worker started (its ``disk-write`` metric); zeros without one."""
+    data = worker.data if worker is not None else None
+    if not isinstance(data, SpillBuffer):
+        return 0, 0
+    now = SpillBuffer.spilled_total.fget(data).disk  # type: ignore[attr-defined]
+    return int(now), int(data.cumulative_metrics.get(("disk-write", "bytes"), 0))
+
+
+def _rebind_eviction(data: SpillBuffer) -> None:
+    # zict's LRU calls the ``fast_to_slow`` bound when the Buffer was built: rebind it to
+    # the new class's method.
+    data.fast.on_evict = [data.fast_to_slow]
 
 
 def execute_succeeded(event: StateMachineEvent) -> bool:

@@ -75,6 +75,21 @@ class Heartbeat(TypedDict):
     not_stored: int
     #: Objects refused because they were not signed with the signing key.
     untrusted_objects: int
+    #: Results not stored, by reason: ``annotation`` (``storage=False``),
+    #: ``not-annotated`` (``results: annotated``), ``write-failed``, ``store-down``.
+    not_stored_by_reason: dict[str, int]
+    #: Bytes (in memory) of stored results dropped from RAM without a write, in total.
+    evicted_bytes: int
+    #: Stored results dropped from RAM, in total.
+    evicted: int
+    #: Bytes (in memory) of the results dropped now: held by the store only.
+    dropped_bytes: int
+    #: Dropped results read back from the store; those it could not serve.
+    read_back: int
+    lost: int
+    #: Bytes spilled to local disk now (pickled), and written to it in total.
+    spilled_bytes: int
+    spill_written_bytes: int
 
 
 def empty_heartbeat() -> Heartbeat:
@@ -87,6 +102,14 @@ def empty_heartbeat() -> Heartbeat:
         write_failures=0,
         not_stored=0,
         untrusted_objects=0,
+        not_stored_by_reason={},
+        evicted_bytes=0,
+        evicted=0,
+        dropped_bytes=0,
+        read_back=0,
+        lost=0,
+        spilled_bytes=0,
+        spill_written_bytes=0,
     )
 
 

@@ -283,15 +283,20 @@ class WorkerSettings:
     #: Whether new results are written (``storage_scheduler.disable`` turns it off;
     #: stored results are still read).
     write: bool = True
+    #: Managed memory, as a fraction of the memory limit, above which a worker drops
+    #: stored results from RAM (its own spilling then drops them first); None: never.
+    relief_threshold: float | None = None
 
     @classmethod
     def from_config(cls) -> WorkerSettings:
         cfg = _settings()
         version = cfg["version"]
+        relief = None if cfg["memory-relief"] == "never" else float(cfg["relief-threshold"])
         return cls(
             results=cfg["results"],
             prefer=cfg["prefer"],
             version=None if version is None else str(version),
+            relief_threshold=relief,
         )
 
 

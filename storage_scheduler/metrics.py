@@ -62,9 +62,30 @@ METRICS: dict[str, tuple[str, str]] = {
         "Stored objects refused: not signed with the signing key (recomputed)",
     ),
     "worker_uploads_in_flight": ("gauge", "Results being written to the store right now"),
+    "worker_not_stored_total": (
+        "counter",
+        "Results not stored, by reason: annotation, not-annotated, write-failed, store-down",
+    ),
+    "worker_evicted_bytes_total": (
+        "counter",
+        "Bytes (in memory) of stored results dropped from RAM without a write",
+    ),
+    "worker_evicted_total": ("counter", "Stored results dropped from RAM without a write"),
+    "worker_dropped_bytes": (
+        "gauge",
+        "Bytes (in memory) of the results the worker holds in the store only, now",
+    ),
+    "worker_read_back_total": ("counter", "Dropped results read back from the store"),
+    "worker_lost_total": (
+        "counter",
+        "Dropped results the store could not serve (recomputed or read elsewhere)",
+    ),
+    "worker_spilled_bytes": ("gauge", "Bytes spilled to local disk now (unstored results)"),
+    "worker_spill_written_bytes_total": ("counter", "Bytes written to the local spill directory"),
     "worker_memory_bytes": (
         "gauge",
-        "Worker RAM: type=results (held results), type=tasks (the rest of the process)",
+        "Worker RAM: type=results (results in RAM, not those spilled or dropped), "
+        "type=tasks (the rest of the process)",
     ),
 }
 
@@ -129,12 +150,25 @@ class StorageCollector:
             "worker_peer_fallbacks_total": lambda h, c: h["not_stored"],
             "worker_uploads_in_flight": lambda h, c: c.writes_in_flight,
             "worker_untrusted_objects_total": lambda h, c: c.objects_untrusted,
+            "worker_evicted_bytes_total": lambda h, c: h["evicted_bytes"],
+            "worker_evicted_total": lambda h, c: h["evicted"],
+            "worker_dropped_bytes": lambda h, c: h["dropped_bytes"],
+            "worker_read_back_total": lambda h, c: h["read_back"],
+            "worker_lost_total": lambda h, c: h["lost"],
+            "worker_spilled_bytes": lambda h, c: h["spilled_bytes"],
+            "worker_spill_written_bytes_total": lambda h, c: h["spill_written_bytes"],
         }
         for name, read in simple.items():
             metric = family(name, ["worker"])
             for beat, worker, store in live:
                 metric.add_metric([worker.address], read(beat, store.counters))
             yield metric
+
+        reasons = family("worker_not_stored_total", ["worker", "reason"])
+        for beat, worker, _ in live:
+            for reason, count in sorted(beat["not_stored_by_reason"].items()):
+                reasons.add_metric([worker.address, reason], count)
+        yield reasons
 
         memory = family("worker_memory_bytes", ["worker", "type"])
         for _, worker, _ in live:
@@ -159,8 +193,14 @@ class StorageCollector:
 
 
 def worker_memory(worker: Any) -> tuple[int, int]:
-    """RAM held by results (managed memory) and the rest of the process (tasks, overhead)."""
-    results = int(worker.state.nbytes)
+    """RAM held by results (managed memory) and the rest of the process (tasks, overhead).
+
+    Results spilled to disk or dropped (held by the store only) are not in RAM."""
+    try:
+        out_of_ram = int(worker.data.spilled_total.memory)
+    except AttributeError:  # no SpillBuffer
+        out_of_ram = 0
+    results = max(0, int(worker.state.nbytes) - out_of_ram)
     process = int(worker.monitor.get_process_memory())
     return results, max(0, process - results)
 

@@ -1,4 +1,5 @@
-"""Memory relief: workers drop in-memory copies of stored results (in-process clusters)."""
+"""Memory relief through the active memory manager (``memory-relief: always``), in
+process clusters. Relief under pressure is the workers' own: see ``test_spill.py``."""
 
 from __future__ import annotations
 
@@ -56,33 +57,6 @@ async def test_always_drops_stored_results_from_ram(c, s, a, b, tmp_path: Path) 
     assert await y == 3.0 * (MiB // 8)
     assert any(is_lane(e["who"]) for e in a.transfer_incoming_log)
     np.testing.assert_array_equal(await c.gather(x), np.full(MiB // 8, 3.0))
-
-
-@gen_cluster(
-    client=True,
-    nthreads=[("", 1)],
-    worker_kwargs={"memory_limit": 100 * MiB},
-    config={
-        **FAST_AMM,
-        "storage-scheduler.relief-threshold": 0.5,
-        # The worker shares this test process: its RSS says nothing about the limit.
-        "distributed.worker.memory.target": False,
-        "distributed.worker.memory.spill": False,
-        "distributed.worker.memory.pause": False,
-        "distributed.worker.memory.terminate": False,
-    },
-)
-async def test_pressure_drops_until_below_threshold(c, s, a, tmp_path: Path) -> None:
-    await enable_storage(s, str(tmp_path / "store"))
-    keys = [f"x-{i}" for i in range(8)]
-    xs = c.map(lambda i: np.full(10 * MiB // 8, i, dtype="f8"), range(8), key=keys)
-    await wait(xs)  # 80 MiB held: more than half of the limit
-    await until(lambda: a.state.nbytes <= 50 * MiB)
-    dropped = [k for k in keys if k not in a.data]
-    assert 2 <= len(dropped) <= 5, dropped  # only what it took, oldest first
-    assert dropped == keys[: len(dropped)]
-    totals = await c.gather(c.map(np.sum, xs, key=[f"sum-{k}" for k in keys]))
-    assert totals == [i * (10 * MiB // 8) for i in range(8)]
 
 
 @gen_cluster(client=True, config={**FAST_AMM, "storage-scheduler.memory-relief": "always"})

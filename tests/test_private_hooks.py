@@ -412,3 +412,77 @@ async def test_bokeh_dashboard_hooks() -> None:
 
     async with Scheduler(dashboard=False, dashboard_address="127.0.0.1:0") as s:
         assert _compat.bokeh_server(s) is None
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"memory_limit": "1 GiB"})
+async def test_spill_buffer_adoption(c: Any, s: Scheduler, a: Worker) -> None:
+    """The worker, its state machine and its memory manager share one SpillBuffer, whose
+    class can be swapped in place; zict's LRU calls the rebound fast_to_slow."""
+    from distributed.spill import SpillBuffer
+
+    from storage_scheduler.worker.spill import StoreSpillBuffer
+
+    data = a.data
+    assert type(data) is SpillBuffer and a.state.data is data and a.memory_manager.data is data
+    assert _compat.adopt_spill_buffer(a, StoreSpillBuffer) is data
+    assert type(a.state.data) is StoreSpillBuffer
+    assert data.fast.on_evict == [data.fast_to_slow]
+    assert StoreSpillBuffer.fast_to_slow is not SpillBuffer.fast_to_slow
+    assert _compat.adopt_spill_buffer(a, StoreSpillBuffer) is None  # not stock any more
+    _compat.restore_spill_buffer(data)
+    assert type(data) is SpillBuffer and data.fast.on_evict == [data.fast_to_slow]
+    # StoreSpillBuffer.spilled_total adds to the stock property.
+    assert isinstance(SpillBuffer.__dict__["spilled_total"], property)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_handler_wrapping_and_reschedule(c: Any, s: Scheduler, a: Worker) -> None:
+    """get_data is looked up per request; a task's RescheduleEvent sends it elsewhere."""
+    from distributed.utils_test import slowinc
+
+    calls: list[Any] = []
+
+    def wrapper(original: Any) -> Any:
+        async def get_data(comm: Any, keys: Any = (), **kwargs: Any) -> Any:
+            calls.append(keys)
+            return await original(comm, keys=keys, **kwargs)
+
+        return get_data
+
+    assert params(Worker.get_data) == ["self", "comm", "keys", "who", "serializers"]
+    original = _compat.wrap_handler(a, "get_data", wrapper)
+    x = c.submit(inc, 1, key="x")
+    assert await c.gather(x, direct=True) == 2
+    assert [list(k) for k in calls] == [["x"]]
+    _compat.restore_handler(a, "get_data", original)
+    assert a.handlers["get_data"] == original
+
+    rescheduled = []
+
+    def wrap(execute: Any) -> Any:
+        async def once(key: Any, *, stimulus_id: str) -> Any:
+            if not rescheduled:
+                rescheduled.append(key)
+                return _compat.reschedule_event(key, "test-reschedule")
+            return await execute(key, stimulus_id=stimulus_id)
+
+        return once
+
+    original_execute = _compat.wrap_execute(a, wrap)
+    try:
+        assert await c.submit(slowinc, 1, delay=0, key="y") == 2
+    finally:
+        _compat.restore_execute(a, original_execute)
+    assert rescheduled == ["y"]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"memory_limit": "1 GiB"})
+async def test_spilled_to_disk(c: Any, s: Scheduler, a: Worker) -> None:
+    """The SpillBuffer's bytes on disk, and its cumulative disk-write metric."""
+    assert _compat.spilled_to_disk(a) == (0, 0)
+    x = c.submit(bytes, 1000, key="x")
+    await x
+    assert a.data.evict() > 0  # type: ignore[attr-defined]
+    now, written = _compat.spilled_to_disk(a)
+    assert now > 0 and written == now
+    assert _compat.spilled_to_disk(None) == (0, 0)

@@ -16,7 +16,7 @@ task running on it still needs the key. Two policies here:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy,
@@ -33,7 +33,13 @@ if TYPE_CHECKING:
 
     from storage_scheduler.config import SchedulerSettings
 
-__all__ = ["LaneAwareReduceReplicas", "MemoryRelief", "install_policies", "uninstall_policies"]
+__all__ = [
+    "LaneAwareReduceReplicas",
+    "MemoryRelief",
+    "forget_lost_replicas",
+    "install_policies",
+    "uninstall_policies",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +109,47 @@ class MemoryRelief(ActiveMemoryManagerPolicy):
             logger.debug("Memory relief: dropping %d stored results from worker memory", dropped)
 
 
+def forget_lost_replicas(
+    scheduler: Scheduler, worker: str, keys: list[Any], stimulus_id: str
+) -> None:
+    """``worker`` dropped these stored results from RAM and cannot read them back (see
+    :mod:`storage_scheduler.worker.relief`): they are lost there, as a dead worker's are.
+
+    Its replicas are forgotten, the tasks that would read them on it go elsewhere (or
+    wait), a key nobody else holds is released (recomputed if still wanted), and the
+    worker is told to forget them too.
+    """
+    ws = scheduler.workers.get(worker)
+    if ws is None:
+        return
+    recommendations: dict[Any, str] = {}
+    lost: list[Any] = []
+    for key in keys:
+        ts = scheduler.tasks.get(key)
+        if ts is None or ts.state != "memory" or ws not in (ts.who_has or ()):
+            continue
+        _compat.remove_replica(scheduler, ts, ws)
+        lost.append(key)
+        for dts in ts.dependents:
+            if dts.processing_on is ws:
+                recommendations[dts.key] = "released"
+        if not ts.who_has:
+            recommendations[key] = "released"
+    if recommendations:
+        scheduler.transitions(recommendations, stimulus_id)  # type: ignore[arg-type]
+    if lost:  # after the free-keys of its dependents, which the transitions queued
+        _compat.send_to_worker(
+            scheduler, worker, {"op": "free-keys", "keys": lost, "stimulus_id": stimulus_id}
+        )
+
+
 def install_policies(scheduler: Scheduler, settings: SchedulerSettings) -> None:
     """Swap the stock ``ReduceReplicas`` for the lane-aware one; add memory relief."""
     _compat.replace_amm_policy(scheduler, ReduceReplicas, LaneAwareReduceReplicas)
     policies = _compat.amm_policies(scheduler)
-    if policies is not None and settings.memory_relief != "never":
+    # ``pressure`` is the workers' own business (storage_scheduler.worker.spill), at the
+    # memory monitor's speed; the AMM only empties workers of stored results (``always``).
+    if policies is not None and settings.memory_relief == "always":
         relief = MemoryRelief(settings.memory_relief, settings.relief_threshold)
         scheduler.extensions["amm"].add_policy(relief)
 

@@ -44,7 +44,11 @@ from storage_scheduler.config import (
 from storage_scheduler.dashboard import add_dashboard_page
 from storage_scheduler.metrics import ensure_collector
 from storage_scheduler.scheduler import status
-from storage_scheduler.scheduler.amm import install_policies, uninstall_policies
+from storage_scheduler.scheduler.amm import (
+    forget_lost_replicas,
+    install_policies,
+    uninstall_policies,
+)
 from storage_scheduler.scheduler.lanes import Lanes
 from storage_scheduler.scheduler.retention import Retention
 from storage_scheduler.scheduler.reuse import Reuse, TaskTokens, mark_p2p_steps
@@ -153,6 +157,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
         registry.register(self.store_id, store, self.drop_unreadable, self.lanes.lookup)
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
+        scheduler.stream_handlers["storage-lost"] = self.handle_lost
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
         scheduler.handlers["storage_status"] = self.storage_status
@@ -234,6 +239,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
+        self.scheduler.stream_handlers.pop("storage-lost", None)
         for handler in ("storage_info", "storage_set_writing", "storage_status", "storage_tokens"):
             self.scheduler.handlers.pop(handler, None)
         uninstall_policies(self.scheduler)
@@ -316,6 +322,15 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             self.reuse.load_again(keys)
         else:
             self.drop_unreadable(keys, stimulus_id=stimulus_id)
+
+    def handle_lost(
+        self, keys: list[Any], stimulus_id: str, worker: str, damaged: bool = False
+    ) -> None:
+        """A worker dropped these stored results from RAM and cannot read them back
+        (stream op): lost on that worker, and (``damaged``) in the store too."""
+        if damaged:
+            self.drop_unreadable(keys, stimulus_id=stimulus_id)
+        forget_lost_replicas(self.scheduler, worker, keys, stimulus_id)
 
     def drop_unreadable(self, keys: list[Any], stimulus_id: str | None = None) -> None:
         """Forget the lane replicas of keys whose objects are missing or damaged.

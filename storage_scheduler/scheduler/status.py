@@ -53,7 +53,12 @@ class Counters:
 def heartbeat_of(ws: WorkerState) -> Heartbeat:
     """The store figures ``ws`` sent with its last heartbeat."""
     sent = ws.metrics.get(HEARTBEAT_KEY)
-    return cast(Heartbeat, sent) if isinstance(sent, dict) else empty_heartbeat()
+    # Merged over the defaults: a worker of an older version sends fewer figures.
+    return (
+        cast(Heartbeat, {**empty_heartbeat(), **sent})
+        if isinstance(sent, dict)
+        else empty_heartbeat()
+    )
 
 
 def worker_status(ws: WorkerState) -> WorkerStatus:

@@ -25,6 +25,8 @@ from storage_scheduler.config import StoreSettings, WorkerSettings, redact_url
 from storage_scheduler.metrics import ensure_collector
 from storage_scheduler.store import Store, probe
 from storage_scheduler.worker.reader import report_unreadable
+from storage_scheduler.worker.relief import ReadBack
+from storage_scheduler.worker.spill import StoreSpillBuffer
 from storage_scheduler.worker.writer import ResultWriter
 
 if TYPE_CHECKING:
@@ -75,6 +77,8 @@ class StorageWorkerPlugin(WorkerPlugin):
     worker: Worker | None
     store: Store | None
     writer: ResultWriter | None
+    #: The worker's data mapping, when it drops stored results under memory pressure.
+    buffer: StoreSpillBuffer | None
     #: Bytes (in memory) of requested keys loaded from the store instead of computed.
     bytes_loaded: int
     #: Tokens of the inputs this worker may read from the store (sent by the scheduler
@@ -82,6 +86,7 @@ class StorageWorkerPlugin(WorkerPlugin):
     tokens: dict[Any, str]
     _original_execute: _compat.Execute | None
     _original_state_class: type | None
+    _original_get_data: Any
 
     def __init__(
         self,
@@ -100,10 +105,12 @@ class StorageWorkerPlugin(WorkerPlugin):
         self.worker = None
         self.store = None
         self.writer = None
+        self.buffer = None
         self.bytes_loaded = 0
         self.tokens = {}
         self._original_execute = None
         self._original_state_class = None
+        self._original_get_data = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -131,7 +138,21 @@ class StorageWorkerPlugin(WorkerPlugin):
         self.writer = ResultWriter(worker, store, self.settings)
         registry.register(self.store_id, store, self._report_unreadable, self._lookup)
         worker.stream_handlers["storage-tokens"] = self._receive_tokens
-        self._original_execute = _compat.wrap_execute(worker, self.writer.wrap)
+        wrap = self.writer.wrap
+        if self.settings.relief_threshold is not None:
+            self.buffer = self._install_buffer(worker, store, self.settings.relief_threshold)
+        if self.buffer is not None:
+            self.writer.on_stored = self.buffer.mark_stored
+            readback = ReadBack(worker, self.buffer)
+            self._original_get_data = _compat.wrap_handler(
+                worker, "get_data", readback.wrap_get_data
+            )
+
+            def wrap(original: _compat.Execute) -> _compat.Execute:
+                assert self.writer is not None
+                return self.writer.wrap(readback.wrap_execute(original))
+
+        self._original_execute = _compat.wrap_execute(worker, wrap)
         state_class = (
             _compat.StoreFirstWorkerState
             if self.settings.prefer == "store"
@@ -165,11 +186,32 @@ class StorageWorkerPlugin(WorkerPlugin):
         if self._original_state_class is not None:
             _compat.swap_state_class(worker, self._original_state_class)
             self._original_state_class = None
+        if self._original_get_data is not None:
+            _compat.restore_handler(worker, "get_data", self._original_get_data)
+            self._original_get_data = None
+        if self.buffer is not None:
+            self.buffer.detach()
+            self.buffer = None
         if self.store is not None:
             registry.unregister(self.store_id, self.store)
             self.store.close()
             self.store = None
         self.worker = None
+
+    def _install_buffer(
+        self, worker: Worker, store: Store, threshold: float
+    ) -> StoreSpillBuffer | None:
+        """Make the worker's ``SpillBuffer`` drop stored results before it spills."""
+        data = worker.data
+        if not isinstance(data, StoreSpillBuffer):  # else: left by the plugin this replaces
+            adopted = _compat.adopt_spill_buffer(worker, StoreSpillBuffer)
+            if not isinstance(adopted, StoreSpillBuffer):
+                logger.debug("Worker %s has no SpillBuffer: no memory relief", worker.address)
+                return None
+            data = adopted
+        limit = worker.memory_manager.memory_limit or 0
+        data.adopt(store, self.tokens.get, threshold * limit if limit else data.n)
+        return data
 
     async def _check_same_store(self, worker: Worker, store: Store) -> None:
         """Refuse to work on a store other than the scheduler's (another host's cache
@@ -229,6 +271,9 @@ class StorageWorkerPlugin(WorkerPlugin):
         """This worker's store traffic, as sent to the scheduler with each heartbeat."""
         counters = self.store.counters if self.store is not None else None
         stats = self.writer.stats if self.writer is not None else None
+        buffer = self.buffer
+        evicted = buffer.stats if buffer is not None else None
+        spilled, written = _compat.spilled_to_disk(self.worker)
         return Heartbeat(
             bytes_written=counters.bytes_written if counters else 0,
             objects_written=counters.objects_written if counters else 0,
@@ -237,4 +282,12 @@ class StorageWorkerPlugin(WorkerPlugin):
             write_failures=stats.write_failures if stats else 0,
             not_stored=stats.not_stored if stats else 0,
             untrusted_objects=counters.objects_untrusted if counters else 0,
+            not_stored_by_reason=dict(stats.not_stored_by_reason) if stats else {},
+            evicted_bytes=evicted.evicted_bytes if evicted else 0,
+            evicted=evicted.evicted if evicted else 0,
+            dropped_bytes=buffer.dropped_bytes if buffer is not None else 0,
+            read_back=evicted.read_back if evicted else 0,
+            lost=evicted.lost if evicted else 0,
+            spilled_bytes=spilled,
+            spill_written_bytes=written,
         )

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
@@ -52,6 +54,12 @@ class WriterStats:
     write_failures: int = 0
     #: Writes running after their task gave its thread slot back.
     writes_detached: int = 0
+    #: Results not stored, by reason (see ``Heartbeat.not_stored_by_reason``).
+    not_stored_by_reason: Counter[str] = field(default_factory=Counter)
+
+    def skipped(self, reason: str) -> None:
+        self.not_stored += 1
+        self.not_stored_by_reason[reason] += 1
 
 
 class ResultWriter:
@@ -69,6 +77,8 @@ class ResultWriter:
     stats: WriterStats
     #: Set when the worker plugin is torn down: tasks still running are not stored.
     closed: bool
+    #: Told of each result the store holds, with its token, before the worker keeps it.
+    on_stored: Callable[[Any, str | None], None] | None
     #: Until when (``time.monotonic``) results skip a store that failed.
     _skip_until: float
     #: Error types already logged.
@@ -80,6 +90,7 @@ class ResultWriter:
         self.settings = settings
         self.stats = WriterStats()
         self.closed = False
+        self.on_stored = None
         self._skip_until = 0.0
         self._warned = set()
 
@@ -104,15 +115,19 @@ class ResultWriter:
         if ts is None:
             return False
         choice = (ts.annotations or {}).get("storage")
-        if self.settings.results == "annotated":
-            return choice is True
-        return choice is not False
+        if self.settings.results == "annotated" and choice is not True:
+            self.stats.skipped("not-annotated")
+            return False
+        if choice is False:
+            self.stats.skipped("annotation")
+            return False
+        return True
 
     async def store_result(self, key: Any, event: ExecuteSuccessEvent) -> None:
         if self.closed or not self._wants_stored(key):
             return
         if time.monotonic() < self._skip_until:
-            self.stats.not_stored += 1
+            self.stats.skipped("store-down")
             return
         ts = _compat.worker_task(self.worker, key)
         if ts is None:
@@ -124,6 +139,8 @@ class ResultWriter:
             metadata[METADATA_KEY] = (
                 StoredResult(loaded=True, token=loaded) if loaded else StoredResult(loaded=True)
             )
+            if self.on_stored is not None:
+                self.on_stored(key, loaded)
             return
         spec, annotations, version = ts.run_spec, ts.annotations, self.settings.version
         detached = self._release_thread_slot(ts, event)
@@ -147,6 +164,8 @@ class ResultWriter:
         context_meter.digest_metric("store-write", 1, "count")
         context_meter.digest_metric("store-write", nbytes, "bytes")
         metadata[METADATA_KEY] = StoredResult(nbytes=nbytes, token=tokens[0], created=created)
+        if self.on_stored is not None:
+            self.on_stored(key, tokens[0])
         self.stats.stored += 1
         if self._skip_until:
             self._skip_until = 0.0
@@ -169,7 +188,7 @@ class ResultWriter:
 
     def _write_failed(self, key: Any, error: Exception) -> None:
         self.stats.write_failures += 1
-        self.stats.not_stored += 1
+        self.stats.skipped("write-failed")
         if isinstance(error, OSError):
             # The store itself failed: skip it for a while; warn once per outage.
             if not self._skip_until:
