@@ -40,6 +40,8 @@ class Faults:
 
     #: Calls per operation, since the last reset.
     calls: Counter[str]
+    #: (operation, path) of every call, since the last reset.
+    log: list[tuple[str, str]]
     #: Calls per operation that a fault made fail.
     failed: Counter[str]
     #: (operation, path) of every call a fault made fail.
@@ -55,6 +57,7 @@ class Faults:
         """No faults, no counts."""
         with self._lock:
             self.calls = Counter()
+            self.log = []
             self.failed = Counter()
             self.failures = []
             self.latency = 0.0
@@ -92,6 +95,7 @@ class Faults:
         """Count a call of ``op`` on ``path``, wait the latency, raise its fault if any."""
         with self._lock:
             self.calls[op] += 1
+            self.log.append((op, path))
             error = self._nth.get(op, {}).pop(self.calls[op], None)
             if error is None and self._outage is not None:
                 until, ops, outage_error = self._outage

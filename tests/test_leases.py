@@ -178,3 +178,37 @@ async def test_big_lease_does_not_block_the_loop(tmp_path: Path) -> None:
     finally:
         gc.enable()
         store.close()
+
+
+@gen_test(timeout=60)
+async def test_deletions_check_for_rewrites_only_while_another_cluster_lives(
+    tmp_path: Path,
+) -> None:
+    """Each cluster publishes its lease before it stores anything: alone on the store,
+    nobody can have written a doomed object again, so none is read before deletion."""
+    import dask
+
+    from tests.faulty_fs import FaultyFileSystem
+    from tests.utils import storage_cluster
+
+    faults = FaultyFileSystem.faults
+    url = f"faulty://{tmp_path}/store"
+
+    def object_reads() -> int:
+        return sum(1 for op, path in faults.log if op == "read" and "/objects/" in path)
+
+    async def doom_and_delete(c: Any, plugin: Any, n: int) -> None:
+        before = plugin.retention.deleted_total
+        total = delayed(sum)([delayed(inc)(i, dask_key_name=("part", n, i)) for i in range(8)])
+        assert await c.compute(total) == sum(range(1, 9))
+        faults.reset()
+        await async_poll_until(lambda: plugin.retention.deleted_total >= before + 8, 20)
+
+    with dask.config.set({"storage-scheduler.flush-interval": "100ms"}):
+        async with storage_cluster(url) as (c, _, plugin):
+            await doom_and_delete(c, plugin, 0)
+            assert object_reads() == 0
+            async with storage_cluster(url, n_workers=0):
+                await doom_and_delete(c, plugin, 1)
+                assert object_reads() >= 8  # each object's header: written again?
+    faults.reset()

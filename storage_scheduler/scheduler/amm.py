@@ -54,6 +54,8 @@ class LaneAwareReduceReplicas(ActiveMemoryManagerPolicy):
     def run(self) -> SuggestionGenerator:
         for ts in self.manager.scheduler.replicated_tasks:
             assert ts.who_has
+            if len(ts.who_has) == 2 and any(is_lane(ws.address) for ws in ts.who_has):
+                continue  # the common case, cheaply: a stored key in one worker's memory
             workers = {ws for ws in ts.who_has if not is_lane(ws.address)}
             if len(workers) < 2:
                 continue

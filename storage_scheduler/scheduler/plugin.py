@@ -163,6 +163,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["storage_status"] = self.storage_status
         scheduler.handlers["storage_tokens"] = self.lanes.lookup
         install_policies(scheduler, self.settings)
+        await self.retention.announce()
         self.retention.start(
             lambda: self.history.sample(self.counters.stored_bytes, scheduler.workers.values())
         )
@@ -276,12 +277,13 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         """Tell the worker about to run ``key`` which objects its inputs in the store are
         (queued ahead of the task itself on the same stream)."""
         ts = self.scheduler.tasks.get(key)
-        if ts is None or ts.processing_on is None:
+        if ts is None or (ws := ts.processing_on) is None:
             return
-        tokens = self.lanes.tokens_of(ts.dependencies)
+        # Not those it holds already: it reads no store for them (most inputs, mostly).
+        tokens = self.lanes.tokens_of(d for d in ts.dependencies if ws not in (d.who_has or ()))
         if tokens:
             _compat.send_to_worker(
-                self.scheduler, ts.processing_on.address, {"op": "storage-tokens", "tokens": tokens}
+                self.scheduler, ws.address, {"op": "storage-tokens", "tokens": tokens}
             )
 
     def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:

@@ -47,6 +47,8 @@ LEASE_COST_RATIO = 10.0
 CLOSE_WAIT_MAX = 10.0
 #: Catalog segments a running scheduler writes before folding them into one snapshot.
 COMPACT_EVERY = 1000
+#: Objects whose headers are read at once when checking whether they were written again.
+REWRITE_CHECKS_AT_ONCE = 256
 
 
 class Retention:
@@ -172,6 +174,17 @@ class Retention:
         if self.catalog.segments_since_compaction > COMPACT_EVERY:
             await self.catalog.compact()  # a long-running cluster flushes many segments
 
+    async def announce(self) -> None:
+        """Publish this cluster's lease before it stores anything: a cluster that reads no
+        other live lease then knows that nobody else is writing (see
+        :meth:`delete_doomed`)."""
+        try:
+            await self.update_lease()
+        except Exception as e:
+            logger.warning(
+                "Cannot write this cluster's lease in %s (will retry): %s", self.store.url, e
+            )
+
     def start(self, each_round: Callable[[], None]) -> None:
         """Start the background tasks: catalog and deletions every ``flush-interval``
         (calling ``each_round`` first), and the lease, in a task of its own: no failure of
@@ -262,7 +275,12 @@ class Retention:
             None,
             lambda: [kt for kt in due if kt[0] not in protected and self.catalog.get(*kt) is None],
         )
-        rewritten = await asyncio.gather(*(self._rewritten(kt) for kt in free))
+        if protected.live:
+            rewritten = await self._rewritten_batches(free)
+        else:
+            # No other live cluster (each publishes its lease before it stores anything):
+            # nobody can have written one of these again; spare the store a read of each.
+            rewritten = [False] * len(free)
         victims = [kt for kt, again in zip(free, rewritten, strict=True) if not again]
         await self.store.delete_versions(victims)  # on failure: all still doomed, retried
         gone = set(victims)
@@ -272,6 +290,14 @@ class Retention:
                 # Spared: its entry stays in the catalog that every cluster shares.
                 self.catalog.add(key, token, entry.nbytes, entry.kept, entry.lineage, entry.created)
         self.deleted_total += len(victims)
+
+    async def _rewritten_batches(self, results: list[tuple[Any, str | None]]) -> list[bool]:
+        # In batches: one step of the event loop must not set up thousands of reads.
+        out: list[bool] = []
+        for i in range(0, len(results), REWRITE_CHECKS_AT_ONCE):
+            batch = results[i : i + REWRITE_CHECKS_AT_ONCE]
+            out.extend(await asyncio.gather(*(self._rewritten(kt) for kt in batch)))
+        return out
 
     async def _rewritten(self, result: tuple[Any, str | None]) -> bool:
         """Whether a doomed result's object was written again since (or is gone)."""

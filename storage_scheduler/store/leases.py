@@ -268,8 +268,12 @@ class LeaseWriter:
 class LeasedKeys:
     """The keys of several leases, tested without building their union."""
 
-    def __init__(self, sets: Iterable[Collection[Any]]):
+    #: How many live leases were read (empty ones included).
+    live: int
+
+    def __init__(self, sets: Iterable[Collection[Any]], live: int = 0):
         self._sets = [s for s in sets if s]
+        self.live = live
 
     def __contains__(self, key: object) -> bool:
         return any(key in s for s in self._sets)
@@ -305,26 +309,33 @@ class LeaseReader:
         """
         sets: list[frozenset[Any]] = []
         used: set[str] = set()
+        live = 0
         for name in await store.list_files(LEASES):
             if name != own_lease and "/" not in name[len(LEASES) + 1 :]:
-                sets.extend(await self._read_lease(store, name, used))
+                lease = await self._read_lease(store, name, used)
+                if lease is not None:
+                    live += 1
+                    sets.extend(lease)
         self._parts = {n: keys for n, keys in self._parts.items() if n in used}
-        return LeasedKeys(sets)
+        return LeasedKeys(sets, live)
 
-    async def _read_lease(self, store: Store, name: str, used: set[str]) -> list[frozenset[Any]]:
+    async def _read_lease(
+        self, store: Store, name: str, used: set[str]
+    ) -> list[frozenset[Any]] | None:
+        """The key sets of a live lease; None if it is not live."""
         for attempt in range(3):
             # Vanished (withdrawn), unsigned or damaged: it protects nothing. Any other
             # error (an unreachable store) propagates: then nothing is deleted.
             try:
                 data = await store.read_file(name)
             except (FileNotFoundError, IntegrityError):
-                return []
+                return None
             try:
                 manifest: _Manifest = await _in_thread(_decode_manifest, data)
             except Exception:
-                return []
+                return None
             if time.time() > manifest.expires + SKEW_MARGIN:
-                return []
+                return None
             try:
                 sets = [manifest.keys]
                 for part in manifest.parts:
