@@ -322,7 +322,7 @@ def test_gc_all_after_scheduler_crash(backend: tuple[str, dict[str, Any]], tmp_p
     the catalog: ``gc --all`` finds them by listing the store."""
     url, options = backend
 
-    # The catalog is not flushed (nor the lease written) before the crash.
+    # The catalog is not flushed before the crash (the lease, empty, was written at start).
     env = {"DASK_STORAGE_SCHEDULER__FLUSH_INTERVAL": "30s"}
     with CommandLineCluster(tmp_path / "cluster", url, options, env=env) as cluster:
         with Client(scheduler_file=str(cluster.scheduler_file)) as c:
@@ -334,6 +334,7 @@ def test_gc_all_after_scheduler_crash(backend: tuple[str, dict[str, Any]], tmp_p
     by_path, inventory = in_store(url, options, catalog_and_inventory)
     assert len(inventory.objects) == 4
     assert not by_path
+    assert len(in_store(url, options, expire_leases)) == 1
     gc_all_leaves_nothing(url, options)
 
 
