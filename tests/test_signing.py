@@ -129,3 +129,32 @@ async def test_cluster_recomputes_forged_results_and_reuses_signed_ones(tmp_path
         assert CALLS == [1, 2, 1, 2]  # y recomputed (and x, an intermediate deleted by GC)
         assert KEY not in log.getvalue() + repr(info) + repr(plugin.store_settings)
         assert "not signed" in log.getvalue() or "not trusted" in log.getvalue()
+
+
+def test_objects_carry_keyed_blake3_and_earlier_hmac_objects_verify() -> None:
+    import struct
+
+    from storage_scheduler.store import serialize, signing
+
+    key, other = KEY.encode(), b"another-key"
+    frames = serialize.encode("x", 42, token="t", signing_key=key)
+    data = b"".join(bytes(memoryview(f).cast("B")) for f in frames)
+    assert data.startswith(serialize.MAGIC_SIGNED_B3)
+    assert serialize.verify(data, "x", signing_keys=[key], token="t")[0].token == "t"
+    with pytest.raises(UntrustedObjectError):
+        serialize.verify(data, "x", signing_keys=[other])
+
+    # The layout of earlier versions: the same object with an HMAC-SHA256 tag.
+    start = serialize.PREFIX_SIZE + signing.MAC_SIZE
+    body = data[start:]
+    _, header_len, checksum = struct.unpack_from("<8sIQ", data)
+    old = (
+        struct.pack("<8sIQ", serialize.MAGIC_SIGNED, header_len, checksum)
+        + signing.mac(key, [body])
+        + body
+    )
+    assert serialize.verify(old, "x", signing_keys=[key])[0].token == "t"
+    # The tag is checked with the algorithm its magic names, not the other one.
+    swapped = serialize.MAGIC_SIGNED + data[len(serialize.MAGIC_SIGNED) :]
+    with pytest.raises(UntrustedObjectError):
+        serialize.verify(swapped, "x", signing_keys=[key])

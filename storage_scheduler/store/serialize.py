@@ -6,7 +6,9 @@ An object is::
 
 and, signed (``storage-scheduler.signing-key``)::
 
-    MAGIC_SIGNED | header length | checksum | HMAC-SHA256 (32 bytes) | header | payload
+    MAGIC_SIGNED_B3 | header length | checksum | keyed BLAKE3 (32 bytes) | header | payload
+
+(``MAGIC_SIGNED`` leads objects signed with HMAC-SHA256 by earlier versions: they verify.)
 
 The payload is distributed's own framing of the value (:func:`serialize_bytelist`), so
 numpy buffers and other out-of-band frames are written without copies. The checksum
@@ -25,7 +27,7 @@ import hashlib
 import numbers
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,8 @@ Buffer = bytes | bytearray | memoryview
 MAGIC = b"DSKSTOR1"
 #: Leads a signed object: the prefix is followed by the MAC of header and payload.
 MAGIC_SIGNED = b"DSKSIGN1"
+#: As :data:`MAGIC_SIGNED`, with keyed BLAKE3 as the MAC (what is written now).
+MAGIC_SIGNED_B3 = b"DSKSIGN2"
 _PREFIX = struct.Struct("<8sIQ")
 PREFIX_SIZE = _PREFIX.size
 _BIGINT = 1  # msgpack ext type of integers outside the 64-bit range
@@ -272,8 +276,8 @@ def encode(
         digest.update(frame)
     if signing_key is None:
         return [_PREFIX.pack(MAGIC, len(header), digest.intdigest()), header, *payload]
-    tag = signing.mac(signing_key, [header, *payload])
-    return [_PREFIX.pack(MAGIC_SIGNED, len(header), digest.intdigest()), tag, header, *payload]
+    tag = signing.object_mac(signing_key, [header, *payload])
+    return [_PREFIX.pack(MAGIC_SIGNED_B3, len(header), digest.intdigest()), tag, header, *payload]
 
 
 def _parse_header(data: Buffer, where: str) -> ObjectHeader:
@@ -300,6 +304,8 @@ class _Layout:
     checksum: int
     #: The MAC of a signed object, else None.
     tag: memoryview | None
+    #: The MAC's algorithm.
+    algorithm: Callable[[bytes, Iterable[Buffer]], bytes] = signing.mac
 
     @property
     def header_end(self) -> int:
@@ -312,9 +318,10 @@ def _layout(buf: memoryview, where: str) -> _Layout:
     magic, header_len, checksum = _PREFIX.unpack_from(buf)
     if magic == MAGIC:
         return _Layout(PREFIX_SIZE, header_len, checksum, None)
-    if magic == MAGIC_SIGNED:
+    if magic in (MAGIC_SIGNED_B3, MAGIC_SIGNED):
         start = PREFIX_SIZE + signing.MAC_SIZE
-        return _Layout(start, header_len, checksum, buf[PREFIX_SIZE:start])
+        algorithm = signing.object_mac if magic == MAGIC_SIGNED_B3 else signing.mac
+        return _Layout(start, header_len, checksum, buf[PREFIX_SIZE:start], algorithm)
     raise IntegrityError(f"not a storage_scheduler object: {where}")
 
 
@@ -382,7 +389,7 @@ def verify(
     if signing_keys:
         if layout.tag is None:
             raise UntrustedObjectError(f"object {where} is not signed: not trusted")
-        signing.verify_mac(signing_keys, [body], layout.tag, f"object {where}")
+        signing.verify_mac(signing_keys, [body], layout.tag, f"object {where}", layout.algorithm)
     header = _parse_header(buf[start:end], where)
     if key is not None and pack_key(key) != pack_key(header.key):
         raise IntegrityError(f"object {where} holds key {header.key!r}, not {key!r}")
