@@ -52,6 +52,7 @@ from storage_scheduler.scheduler.amm import (
 from storage_scheduler.scheduler.lanes import Lanes
 from storage_scheduler.scheduler.retention import Retention
 from storage_scheduler.scheduler.reuse import Reuse, TaskTokens, mark_p2p_steps
+from storage_scheduler.scheduler.skipped import Skipped
 from storage_scheduler.scheduler.status import Counters, History
 from storage_scheduler.store import Store, probe
 from storage_scheduler.store.catalog import Catalog
@@ -108,6 +109,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     lanes: Lanes
     reuse: Reuse
     retention: Retention
+    skipped: Skipped
     counters: Counters
     history: History
     #: What workers must read back from ``probes/<catalog writer id>``.
@@ -155,9 +157,11 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         )
         self.reuse = Reuse(scheduler, self.lanes, catalog, tokens)
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
+        self.skipped = Skipped(scheduler, self.lanes)
         registry.register(self.store_id, store, self.drop_unreadable, self.lanes.lookup)
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
         scheduler.stream_handlers["storage-lost"] = self.handle_lost
+        scheduler.stream_handlers["storage-skipped"] = self.skipped.add
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
         scheduler.handlers["storage_status"] = self.storage_status
@@ -239,7 +243,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
-        self.scheduler.stream_handlers.pop("storage-lost", None)
+        for op in ("storage-lost", "storage-skipped"):
+            self.scheduler.stream_handlers.pop(op, None)
         for handler in ("storage_info", "storage_set_writing", "storage_status", "storage_tokens"):
             self.scheduler.handlers.pop(handler, None)
         uninstall_policies(self.scheduler)
@@ -252,12 +257,15 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.reuse.loaders.clear()
         self.reuse.retrying.clear()
         self.retention.restart()
+        self.skipped.clear()
 
     # ------------------------------------------------------------------ hooks
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
     ) -> None:
+        if finish != "memory" and key in self.skipped.costs:
+            self.skipped.left(key)
         if finish == "processing":
             self._send_tokens(key)
         elif start == "processing":
@@ -273,16 +281,16 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             self.retention.released(key)
 
     def _send_tokens(self, key: Any) -> None:
-        """Tell the worker about to run ``key`` which objects its inputs in the store are
-        (queued ahead of the task itself on the same stream)."""
+        """Tell the worker about to run ``key`` which objects its inputs in the store are,
+        and the recompute costs of those stored nowhere (queued ahead of the task)."""
         ts = self.scheduler.tasks.get(key)
         if ts is None or ts.processing_on is None:
             return
         tokens = self.lanes.tokens_of(ts.dependencies)
-        if tokens:
-            _compat.send_to_worker(
-                self.scheduler, ts.processing_on.address, {"op": "storage-tokens", "tokens": tokens}
-            )
+        costs = self.skipped.costs_of(ts.dependencies) if self.skipped.costs else {}
+        if tokens or costs:
+            msg = {"op": "storage-tokens", "tokens": tokens, "costs": costs}
+            _compat.send_to_worker(self.scheduler, ts.processing_on.address, msg)
 
     def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:
         self.reuse.loader_finished(key)
@@ -307,6 +315,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
     ) -> None:
         wanted = self.retention.requested(keys)  # before reuse rewrites the graph
+        self.skipped.requested(wanted)
         mark_p2p_steps(scheduler.tasks, kwargs.get("tasks", ()))
         reused = self.reuse.on_update_graph(keys)
         self.retention.keep_reused(wanted, reused)
