@@ -501,5 +501,5 @@ async def test_pseudo_client_keeps_keys(c: Any, s: Scheduler, a: Worker) -> None
     await asyncio.sleep(0.1)
     assert s.tasks["x"].state == "memory"
     _compat.unwant_keys(s, ["x"], "pseudo", "test")
-    await async_poll_for(lambda: "x" not in s.tasks, timeout=5)
+    await async_poll_for(lambda: s.tasks["x"].state == "released", timeout=5)
     _compat.unwant_keys(s, ["x"], "unknown-client", "test")  # no such client: nothing
