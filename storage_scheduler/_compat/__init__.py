@@ -210,9 +210,7 @@ def want_keys(scheduler: Scheduler, keys: Collection[Any], client: str) -> None:
     scheduler.client_desires_keys(keys, client)
 
 
-def unwant_keys(
-    scheduler: Scheduler, keys: Collection[Any], client: str, stimulus_id: str
-) -> None:
+def unwant_keys(scheduler: Scheduler, keys: Collection[Any], client: str, stimulus_id: str) -> None:
     """Undo :func:`want_keys` (runs transitions: never from a transition hook)."""
     if client in scheduler.clients:
         scheduler.client_releases_keys(list(keys), client, stimulus_id)
