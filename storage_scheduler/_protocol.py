@@ -76,7 +76,9 @@ class Heartbeat(TypedDict):
     #: Objects refused because they were not signed with the signing key.
     untrusted_objects: int
     #: Results not stored, by reason: ``annotation`` (``storage=False``),
-    #: ``not-annotated`` (``results: annotated``), ``write-failed``, ``store-down``.
+    #: ``not-annotated`` (``results: annotated``), ``recomputable`` (``policy:
+    #: worth-storing``: cheaper to recompute from stored inputs), ``write-failed``,
+    #: ``store-down``.
     not_stored_by_reason: dict[str, int]
     #: Bytes (in memory) of stored results dropped from RAM without a write, in total.
     evicted_bytes: int

@@ -286,17 +286,29 @@ class WorkerSettings:
     #: Managed memory, as a fraction of the memory limit, above which a worker drops
     #: stored results from RAM (its own spilling then drops them first); None: never.
     relief_threshold: float | None = None
+    #: ``"all"``: store every selected result; ``"worth-storing"``: not those cheaper
+    #: to recompute from stored inputs than to write and read back.
+    policy: str = "all"
+    #: Most estimated recompute work (seconds) an unstored result may stand for.
+    recompute_limit: float = 1.0
 
     @classmethod
     def from_config(cls) -> WorkerSettings:
         cfg = _settings()
         version = cfg["version"]
         relief = None if cfg["memory-relief"] == "never" else float(cfg["relief-threshold"])
+        limit = _seconds(cfg, "recompute-limit", "storage-scheduler")
+        if limit < 0:
+            raise StorageConfigError(
+                f"storage-scheduler.recompute-limit must not be negative, got {limit}"
+            )
         return cls(
             results=cfg["results"],
             prefer=cfg["prefer"],
             version=None if version is None else str(version),
             relief_threshold=relief,
+            policy=cfg["policy"],
+            recompute_limit=limit,
         )
 
 

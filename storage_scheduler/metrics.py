@@ -64,7 +64,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "worker_uploads_in_flight": ("gauge", "Results being written to the store right now"),
     "worker_not_stored_total": (
         "counter",
-        "Results not stored, by reason: annotation, not-annotated, write-failed, store-down",
+        "Results not stored, by reason: annotation, not-annotated, recomputable (the "
+        "policy), write-failed, store-down",
     ),
     "worker_evicted_bytes_total": (
         "counter",

@@ -18,7 +18,7 @@ from distributed import worker_state_machine as wsm
 from distributed.active_memory_manager import ActiveMemoryManagerExtension
 from distributed.comm.core import Comm
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
-from distributed.utils_test import gen_cluster, gen_test, inc
+from distributed.utils_test import async_poll_for, gen_cluster, gen_test, inc
 
 from storage_scheduler import _compat
 
@@ -486,3 +486,20 @@ async def test_spilled_to_disk(c: Any, s: Scheduler, a: Worker) -> None:
     now, written = _compat.spilled_to_disk(a)
     assert now > 0 and written == now
     assert _compat.spilled_to_disk(None) == (0, 0)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_pseudo_client_keeps_keys(c: Any, s: Scheduler, a: Worker) -> None:
+    """A key a pseudo-client wants stays in memory after its dependents are done, until
+    the pseudo-client releases it."""
+    x = c.submit(inc, 1, key="x")
+    await x
+    _compat.want_keys(s, ["x"], "pseudo")
+    y = c.submit(inc, x, key="y")
+    await y
+    del x
+    await asyncio.sleep(0.1)
+    assert s.tasks["x"].state == "memory"
+    _compat.unwant_keys(s, ["x"], "pseudo", "test")
+    await async_poll_for(lambda: s.tasks["x"].state == "released", timeout=5)
+    _compat.unwant_keys(s, ["x"], "unknown-client", "test")  # no such client: nothing

@@ -89,6 +89,8 @@ __all__ = [
     "spilled_to_disk",
     "swap_state_class",
     "undo_put_in_memory",
+    "unwant_keys",
+    "want_keys",
     "worker_task",
     "wrap_execute",
     "wrap_handler",
@@ -200,6 +202,18 @@ def is_p2p_barrier(ts: TaskState) -> bool:
 def is_p2p_step_alias(ts: TaskState) -> bool:
     """Whether ``ts`` is an alias that graph fusion left between shuffle steps."""
     return isinstance(ts.run_spec, Alias)
+
+
+def want_keys(scheduler: Scheduler, keys: Collection[Any], client: str) -> None:
+    """Make ``client`` (a pseudo-client, created if needed, as ``fire_and_forget``'s)
+    want ``keys``: the scheduler keeps them in memory until it releases them."""
+    scheduler.client_desires_keys(keys, client)
+
+
+def unwant_keys(scheduler: Scheduler, keys: Collection[Any], client: str, stimulus_id: str) -> None:
+    """Undo :func:`want_keys` (runs transitions: never from a transition hook)."""
+    if client in scheduler.clients:
+        scheduler.client_releases_keys(list(keys), client, stimulus_id)
 
 
 # ----------------------------------------------------------- scheduler: worker plugin

@@ -17,6 +17,8 @@ lane count is the number of concurrent store reads per worker.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,8 @@ from storage_scheduler._protocol import lane_addresses
 
 if TYPE_CHECKING:
     from distributed import Scheduler
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Lanes"]
 
@@ -82,6 +86,29 @@ class Lanes:
             _compat.remove_replica(self.scheduler, ts, ws)
         self.tokens.pop(ts.key, None)
         return len(held)
+
+    def forget_unreadable(self, keys: Iterable[Any], stimulus_id: str | None = None) -> int:
+        """Drop the lane replicas of these keys (their objects are unreadable); release a
+        key left with no holder, which recomputes it if anything still wants it (what
+        ``remove_worker`` does for a lost worker's keys). Returns the replicas dropped."""
+        recommendations: dict[Any, str] = {}
+        dropped = 0
+        for key in keys:
+            ts = self.scheduler.tasks.get(key)
+            if ts is None or ts.state != "memory":
+                continue
+            dropped += self.drop(ts)
+            if not ts.who_has:
+                recommendations[key] = "released"
+        if recommendations:
+            logger.warning(
+                "Recomputing %d keys whose stored results cannot be read", len(recommendations)
+            )
+            self.scheduler.transitions(
+                recommendations,  # type: ignore[arg-type]
+                stimulus_id or f"storage-unreadable-{time.time()}",
+            )
+        return dropped
 
     def tokens_of(self, tasks: Iterable[TaskState]) -> dict[Any, str]:
         """The tokens of those ``tasks`` the lanes hold."""

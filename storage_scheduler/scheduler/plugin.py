@@ -15,7 +15,6 @@ run in one background task, the lease in another (no failure of the first stops 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -52,6 +51,7 @@ from storage_scheduler.scheduler.amm import (
 from storage_scheduler.scheduler.lanes import Lanes
 from storage_scheduler.scheduler.retention import Retention
 from storage_scheduler.scheduler.reuse import Reuse, TaskTokens, mark_p2p_steps
+from storage_scheduler.scheduler.skipped import Skipped
 from storage_scheduler.scheduler.status import Counters, History
 from storage_scheduler.store import Store, probe
 from storage_scheduler.store.catalog import Catalog
@@ -108,6 +108,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     lanes: Lanes
     reuse: Reuse
     retention: Retention
+    skipped: Skipped
     counters: Counters
     history: History
     #: What workers must read back from ``probes/<catalog writer id>``.
@@ -155,9 +156,11 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         )
         self.reuse = Reuse(scheduler, self.lanes, catalog, tokens)
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
+        self.skipped = Skipped(scheduler, self.lanes)
         registry.register(self.store_id, store, self.drop_unreadable, self.lanes.lookup)
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
         scheduler.stream_handlers["storage-lost"] = self.handle_lost
+        scheduler.stream_handlers["storage-skipped"] = self.skipped.add
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
         scheduler.handlers["storage_status"] = self.storage_status
@@ -240,7 +243,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
-        self.scheduler.stream_handlers.pop("storage-lost", None)
+        for op in ("storage-lost", "storage-skipped"):
+            self.scheduler.stream_handlers.pop(op, None)
         for handler in ("storage_info", "storage_set_writing", "storage_status", "storage_tokens"):
             self.scheduler.handlers.pop(handler, None)
         uninstall_policies(self.scheduler)
@@ -253,12 +257,15 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.reuse.loaders.clear()
         self.reuse.retrying.clear()
         self.retention.restart()
+        self.skipped.clear()
 
     # ------------------------------------------------------------------ hooks
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
     ) -> None:
+        if finish != "memory" and key in self.skipped.costs:
+            self.skipped.left(key)
         if finish == "processing":
             self._send_tokens(key)
         elif start == "processing":
@@ -274,17 +281,18 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             self.retention.released(key)
 
     def _send_tokens(self, key: Any) -> None:
-        """Tell the worker about to run ``key`` which objects its inputs in the store are
-        (queued ahead of the task itself on the same stream)."""
+        """Tell the worker about to run ``key`` which objects its inputs in the store are,
+        and the recompute costs of those stored nowhere (queued ahead of the task)."""
         ts = self.scheduler.tasks.get(key)
         if ts is None or (ws := ts.processing_on) is None:
             return
-        # Not those it holds already: it reads no store for them (most inputs, mostly).
+        # Not those it holds already: it reads no store for them (most inputs, mostly),
+        # and knows their tokens from when it stored or fetched them.
         tokens = self.lanes.tokens_of(d for d in ts.dependencies if ws not in (d.who_has or ()))
-        if tokens:
-            _compat.send_to_worker(
-                self.scheduler, ws.address, {"op": "storage-tokens", "tokens": tokens}
-            )
+        costs = self.skipped.costs_of(ts.dependencies) if self.skipped.costs else {}
+        if tokens or costs:
+            msg = {"op": "storage-tokens", "tokens": tokens, "costs": costs}
+            _compat.send_to_worker(self.scheduler, ws.address, msg)
 
     def _finished(self, key: Any, metadata: dict[str, Any], stimulus_id: str) -> None:
         self.reuse.loader_finished(key)
@@ -309,6 +317,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
     ) -> None:
         wanted = self.retention.requested(keys)  # before reuse rewrites the graph
+        self.skipped.requested(wanted)
         mark_p2p_steps(scheduler.tasks, kwargs.get("tasks", ()))
         reused = self.reuse.on_update_graph(keys)
         self.retention.keep_reused(wanted, reused)
@@ -339,28 +348,11 @@ class StorageSchedulerPlugin(SchedulerPlugin):
 
         Only for a verdict on the objects (see :func:`~storage_scheduler.store.classify`),
         never for a store that does not answer: that would recompute intact results, for
-        every cluster that shares the catalog.
-
-        A key left with no holder is released, which recomputes it if anything still
-        wants it (what ``remove_worker`` does for a lost worker's keys).
+        every cluster that shares the catalog. A key left with no holder is recomputed.
         """
-        recommendations: dict[Any, str] = {}
         for key in keys:
             self.catalog.discard(key, self.lanes.tokens.get(key))
-            ts = self.scheduler.tasks.get(key)
-            if ts is None or ts.state != "memory":
-                continue
-            self.counters.unreadable += self.lanes.drop(ts)
-            if not ts.who_has:
-                recommendations[key] = "released"
-        if recommendations:
-            logger.warning(
-                "Recomputing %d keys whose stored results cannot be read", len(recommendations)
-            )
-            self.scheduler.transitions(
-                recommendations,  # type: ignore[arg-type]
-                stimulus_id or f"storage-unreadable-{time.time()}",
-            )
+        self.counters.unreadable += self.lanes.forget_unreadable(keys, stimulus_id)
 
     def storage_info(self) -> StorageInfo:
         """What the store holds for this cluster, for clients and ``dask storage``."""

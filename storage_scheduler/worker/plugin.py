@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dask.sizeof import sizeof
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -24,6 +24,7 @@ from storage_scheduler.comm import registry
 from storage_scheduler.config import StoreSettings, WorkerSettings, redact_url
 from storage_scheduler.metrics import ensure_collector
 from storage_scheduler.store import Store, probe
+from storage_scheduler.worker.policy import StoragePolicy
 from storage_scheduler.worker.reader import report_unreadable
 from storage_scheduler.worker.relief import ReadBack
 from storage_scheduler.worker.spill import StoreSpillBuffer
@@ -36,8 +37,17 @@ __all__ = ["StorageWorkerPlugin", "WorkerStoreOverride"]
 
 logger = logging.getLogger(__name__)
 
-#: Tokens a worker keeps before it forgets the oldest half.
+#: Tokens (and costs) a worker keeps before it forgets the oldest half.
 MAX_TOKENS = 100_000
+
+T = TypeVar("T")
+
+
+def _remember(known: dict[Any, T], new: dict[Any, T]) -> None:
+    if len(known) > MAX_TOKENS:  # those of long-gone tasks: forget the oldest
+        for key in list(known)[: MAX_TOKENS // 2]:
+            del known[key]
+    known.update(new)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class StorageWorkerPlugin(WorkerPlugin):
     #: Tokens of the inputs this worker may read from the store (sent by the scheduler
     #: with the tasks that need them): what each object must carry.
     tokens: dict[Any, str]
+    #: Recompute costs (seconds) of inputs stored nowhere, sent like ``tokens``.
+    costs: dict[Any, float]
     _original_execute: _compat.Execute | None
     _original_state_class: type | None
     _original_get_data: Any
@@ -108,6 +120,7 @@ class StorageWorkerPlugin(WorkerPlugin):
         self.buffer = None
         self.bytes_loaded = 0
         self.tokens = {}
+        self.costs = {}
         self._original_execute = None
         self._original_state_class = None
         self._original_get_data = None
@@ -136,13 +149,17 @@ class StorageWorkerPlugin(WorkerPlugin):
         self.store = store = Store(settings)
         self.worker = worker
         self.writer = ResultWriter(worker, store, self.settings)
+        if self.settings.policy == "worth-storing":
+            self.writer.policy = StoragePolicy(
+                store.counters, self.settings.recompute_limit, self._input_cost
+            )
         registry.register(self.store_id, store, self._report_unreadable, self._lookup)
         worker.stream_handlers["storage-tokens"] = self._receive_tokens
+        self.writer.on_stored = self._stored
         wrap = self.writer.wrap
         if self.settings.relief_threshold is not None:
             self.buffer = self._install_buffer(worker, store, self.settings.relief_threshold)
         if self.buffer is not None:
-            self.writer.on_stored = self.buffer.mark_stored
             readback = ReadBack(worker, self.buffer)
             self._original_get_data = _compat.wrap_handler(
                 worker, "get_data", readback.wrap_get_data
@@ -239,11 +256,23 @@ class StorageWorkerPlugin(WorkerPlugin):
             "dask worker --preload storage_scheduler --storage-url URL"
         )
 
-    def _receive_tokens(self, tokens: dict[Any, str]) -> None:
-        if len(self.tokens) > MAX_TOKENS:  # those of long-gone tasks: forget the oldest
-            for key in list(self.tokens)[: MAX_TOKENS // 2]:
-                del self.tokens[key]
-        self.tokens.update(tokens)
+    def _receive_tokens(
+        self, tokens: dict[Any, str], costs: dict[Any, float] | None = None
+    ) -> None:
+        _remember(self.tokens, tokens)
+        _remember(self.costs, costs or {})
+
+    def _stored(self, key: Any, token: str | None) -> None:
+        """A result of this worker's is in the store: its token is known here (the
+        scheduler sends tokens only of inputs a worker does not hold)."""
+        if token is not None:
+            _remember(self.tokens, {key: token})
+        if self.buffer is not None:
+            self.buffer.mark_stored(key, token)
+
+    def _input_cost(self, key: Any) -> float | None:
+        """An input's recompute cost: nothing if the store holds it."""
+        return 0.0 if key in self.tokens else self.costs.get(key)
 
     async def _lookup(self, keys: list[Any]) -> dict[Any, str]:
         """Tokens of ``keys``: sent ahead by the scheduler, else asked for (``replicate``

@@ -28,6 +28,7 @@ from storage_scheduler import _compat
 from storage_scheduler._protocol import METADATA_KEY, StoredResult, result_token
 from storage_scheduler.config import WorkerSettings
 from storage_scheduler.store import Store
+from storage_scheduler.worker.policy import StoragePolicy
 from storage_scheduler.worker.reader import is_loader, loader_token
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ class ResultWriter:
     closed: bool
     #: Told of each result the store holds, with its token, before the worker keeps it.
     on_stored: Callable[[Any, str | None], None] | None
+    #: Which results are worth storing (None: every selected result is).
+    policy: StoragePolicy | None
     #: Until when (``time.monotonic``) results skip a store that failed.
     _skip_until: float
     #: Error types already logged.
@@ -91,6 +94,7 @@ class ResultWriter:
         self.stats = WriterStats()
         self.closed = False
         self.on_stored = None
+        self.policy = None
         self._skip_until = 0.0
         self._warned = set()
 
@@ -142,6 +146,8 @@ class ResultWriter:
             if self.on_stored is not None:
                 self.on_stored(key, loaded)
             return
+        if self._not_worth_storing(ts, event):
+            return
         spec, annotations, version = ts.run_spec, ts.annotations, self.settings.version
         detached = self._release_thread_slot(ts, event)
         try:
@@ -170,6 +176,25 @@ class ResultWriter:
         if self._skip_until:
             self._skip_until = 0.0
             logger.warning("The store %s is writable again", self.store)
+
+    def _not_worth_storing(self, ts: Any, event: ExecuteSuccessEvent) -> bool:
+        """Leave the result unstored if the policy says so, and tell the scheduler first
+        (the message goes ahead of the task's own report, on the same stream): it keeps
+        the stored inputs while the result is in memory, and passes its cost on."""
+        annotations = ts.annotations or {}
+        if (
+            self.policy is None
+            or annotations.get("storage") is True
+            or annotations.get("storage_requested")
+        ):
+            return False
+        inputs = [d.key for d in ts.dependencies]
+        cost = self.policy.skip(event.stop - event.start, event.nbytes or 0, inputs)
+        if cost is None:
+            return False
+        self.stats.skipped("recomputable")
+        self.worker.batched_send({"op": "storage-skipped", "key": ts.key, "cost": cost})
+        return True
 
     def _release_thread_slot(self, ts: Any, event: ExecuteSuccessEvent) -> bool:
         """Let the next task compute while this result is written.
