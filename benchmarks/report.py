@@ -53,6 +53,7 @@ HEADLINES: dict[
     "worker-loss": ("tasks re-executed", lambda r: r["reexecuted"], lambda v: f"{v:g}", 1.0, True),
     "retire": ("retire_workers time", lambda r: r["wall_seconds"], secs, 0.1, True),
     "s3": ("throughput, end to end", lambda r: r["throughput"], mb_s, 0.0, False),
+    "s3-latency": ("tree wall time at 20 ms", lambda r: r["wall_seconds"], secs, 1.5, True),
 }
 
 

@@ -23,6 +23,8 @@ Workloads (see :data:`WORKLOADS`):
 * ``retire``: retire a worker that holds 4 GiB of results.
 * ``s3``: the transfer workload with the store on an S3 API (the moto server that
   ``ci/bench.sh`` starts on 127.0.0.1); stock moves the same data peer-to-peer.
+* ``s3-latency``: a tree of tiny tasks and the transfer, with every S3 request delayed
+  20 and 50 ms by a proxy (see :mod:`benchmarks.s3_latency`).
 """
 
 from __future__ import annotations
@@ -307,6 +309,12 @@ def s3(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
     return transfer(mode, store, params, storage_options={"endpoint_url": endpoint})
 
 
+def s3_latency(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.s3_latency import s3_latency as run
+
+    return run(mode, store, params)
+
+
 #: name -> (function, full-size parameters, smoke parameters, target)
 WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[str, Any], str]] = {
     "transfer": (
@@ -345,11 +353,29 @@ WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         {"array_bytes": parse_bytes("1MiB"), "arrays": 2},
         "runs and reports (moto, an in-memory test server, is the limit)",
     ),
+    "s3-latency": (
+        s3_latency,
+        {
+            "leaves": 1000,
+            "task_seconds": 0.001,
+            "array_bytes": parse_bytes("16MiB"),
+            "arrays": 16,
+            "delays": [0.02, 0.05],
+        },
+        {
+            "leaves": 16,
+            "task_seconds": 0.001,
+            "array_bytes": parse_bytes("1MiB"),
+            "arrays": 2,
+            "delays": [0.02],
+        },
+        "at 20 ms: tree <= 1.5x stock (50 ms: 2.0x), transfer >= 0.8x s3fs, <= 0.5 requests/task",
+    ),
 }
 
 
 def store_for(workload: str, work: str, endpoint: str | None) -> str:
-    if workload != "s3":
+    if workload not in ("s3", "s3-latency"):
         return f"file://{work}/store"
     import fsspec
 
@@ -362,7 +388,7 @@ def store_for(workload: str, work: str, endpoint: str | None) -> str:
 def run_workload(name: str, repeat: int, smoke: bool, endpoint: str | None) -> list[dict[str, Any]]:
     func, full, tiny, target = WORKLOADS[name]
     params = dict(tiny if smoke else full)
-    if name == "s3":
+    if name in ("s3", "s3-latency"):
         params["endpoint"] = endpoint
     rows = []
     for rep in range(repeat):
@@ -424,8 +450,8 @@ def main(argv: list[str]) -> int:
         help="S3 API for the s3 workload (default: $STORAGE_SCHEDULER_TEST_S3_ENDPOINT)",
     )
     args = parser.parse_args(argv)
-    if "s3" in args.workloads and not args.s3_endpoint:
-        parser.error("the s3 workload needs --s3-endpoint (ci/bench.sh starts a moto server)")
+    if {"s3", "s3-latency"} & set(args.workloads) and not args.s3_endpoint:
+        parser.error("the s3 workloads need --s3-endpoint (ci/bench.sh starts a moto server)")
     for var, value in (
         ("AWS_ACCESS_KEY_ID", "bench"),
         ("AWS_SECRET_ACCESS_KEY", "bench"),

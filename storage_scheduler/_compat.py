@@ -67,6 +67,7 @@ __all__ = [
     "set_comm_addresses",
     "set_run_spec",
     "swap_state_class",
+    "task_run_id",
     "undo_put_in_memory",
     "worker_task",
     "wrap_execute",
@@ -153,6 +154,12 @@ def set_run_spec(ts: TaskState, spec: Any) -> None:
     """Give a task that has not started another body (only from ``update_graph``, or after
     the body failed)."""
     ts.run_spec = spec
+
+
+def task_run_id(ts: TaskState) -> int | None:
+    """Which run of ``ts`` the scheduler waits for or holds: the ``run_id`` it sent with
+    the task and that workers send back with its result."""
+    return ts.run_id
 
 
 def annotate(ts: TaskState, **annotations: Any) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 import dask.config
-from dask.utils import parse_timedelta
+from dask.utils import parse_bytes, parse_timedelta
 
 from storage_scheduler._exceptions import StorageConfigError
 
@@ -283,15 +283,32 @@ class WorkerSettings:
     #: Whether new results are written (``storage_scheduler.disable`` turns it off;
     #: stored results are still read).
     write: bool = True
+    #: ``"write-through"``: report a task once its result is stored; ``"write-behind"``:
+    #: report it at once, record the store as a holder when the write lands.
+    durability: str = "write-through"
+    #: Bytes of results awaiting upload per worker (with ``max-concurrency`` results).
+    write_buffer: int = 128 * 2**20
 
     @classmethod
     def from_config(cls) -> WorkerSettings:
         cfg = _settings()
         version = cfg["version"]
+        try:
+            buffer = parse_bytes(cfg["write-buffer"])
+        except (TypeError, ValueError) as e:
+            raise StorageConfigError(
+                f"storage-scheduler.write-buffer: not a size: {cfg['write-buffer']!r}"
+            ) from e
+        if buffer < 1:
+            raise StorageConfigError(
+                f"storage-scheduler.write-buffer must be positive, got {cfg['write-buffer']!r}"
+            )
         return cls(
             results=cfg["results"],
             prefer=cfg["prefer"],
             version=None if version is None else str(version),
+            durability=cfg["durability"],
+            write_buffer=buffer,
         )
 
 

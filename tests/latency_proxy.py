@@ -50,10 +50,16 @@ class RequestParser:
         self._body = 0
         #: Inside a chunked body: "size" (a chunk-size line), "data", "trailer".
         self._chunked: str | None = None
+        #: The request target of the last request head read.
+        self.last_target = ""
 
     def feed(self, data: bytes) -> list[str]:
+        return [method for method, _ in self.feed_targets(data)]
+
+    def feed_targets(self, data: bytes) -> list[tuple[str, str]]:
+        """As :meth:`feed`, with each request's target (path and query)."""
         self._buf += data
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         while True:
             if self._body:
                 take = min(self._body, len(self._buf))
@@ -71,7 +77,8 @@ class RequestParser:
                 return out
             head = bytes(self._buf[:end]).decode("latin-1")
             del self._buf[: end + 4]
-            out.append(self._start(head))
+            method = self._start(head)
+            out.append((method, self.last_target))
 
     def _start(self, head: str) -> str:
         lines = head.split("\r\n")
@@ -85,6 +92,7 @@ class RequestParser:
             self._chunked = "size"
         else:
             self._body = int(headers.get("content-length", "0") or 0)
+        self.last_target = target
         query = urlsplit(target).query
         if method == "GET" and "list-type" in query:
             return "LIST"
@@ -144,6 +152,8 @@ class LatencyProxy:
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.delay = delay
         self.counts: Counter[str] = Counter()
+        #: Requests by method and by what they touch in a store's layout ("PUT objects").
+        self.kinds: Counter[str] = Counter()
         self.connections = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -162,9 +172,15 @@ class LatencyProxy:
         with self._lock:
             return dict(self.counts)
 
+    def requests_by_kind(self) -> dict[str, int]:
+        """Requests by method and part of the store: objects, catalog, leases, probes."""
+        with self._lock:
+            return dict(self.kinds)
+
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.kinds.clear()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -245,10 +261,11 @@ class LatencyProxy:
     ) -> None:
         parser = RequestParser()
         while data := await _read(reader):
-            methods = parser.feed(data)
-            if methods:
+            requests = parser.feed_targets(data)
+            if requests:
                 with self._lock:
-                    self.counts.update(methods)
+                    self.counts.update(method for method, _ in requests)
+                    self.kinds.update(f"{method} {_kind(target)}" for method, target in requests)
             turn.set()
             writer.write(data)
             await writer.drain()
@@ -265,6 +282,16 @@ class LatencyProxy:
                     await asyncio.sleep(self.delay)
             writer.write(data)
             await writer.drain()
+
+
+#: The parts of a store's layout that requests are counted by.
+_KINDS = ("objects", "catalog", "manifest", "leases", "probes")
+
+
+def _kind(target: str) -> str:
+    parts = urlsplit(target)
+    words = parts.path.split("/") + parts.query.replace("%2F", "/").replace("=", "/").split("/")
+    return next((w for w in words if w in _KINDS), "other")
 
 
 async def _read(reader: asyncio.StreamReader) -> bytes:

@@ -14,6 +14,7 @@ run in one background task, the lease in another (no failure of the first stops 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
 __all__ = ["StorageSchedulerPlugin"]
 
 logger = logging.getLogger(__name__)
+
+#: Longest wait of a closing scheduler for the workers' writes still running (seconds).
+FLUSH_WAIT = 10.0
 
 
 def _warn_if_unsigned(store: Store) -> None:
@@ -153,6 +157,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
         registry.register(self.store_id, store, self.drop_unreadable, self.lanes.lookup)
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
+        scheduler.stream_handlers["storage-stored"] = self.handle_stored
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
         scheduler.handlers["storage_status"] = self.storage_status
@@ -218,6 +223,21 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         return self.storage_info()
 
+    async def before_close(self) -> None:
+        """Let the workers' writes still running (write-behind) land, and their
+        notifications arrive, before the catalog is written for the last time."""
+        if not self.started or self.settings.worker.durability != "write-behind":
+            return
+        try:
+            await asyncio.wait_for(
+                self.scheduler.broadcast(msg={"op": "storage_flush"}, on_error="ignore"),
+                FLUSH_WAIT,
+            )
+            # The notifications travel on the workers' batched streams (a few ms apart).
+            await asyncio.sleep(0.1)
+        except Exception as e:  # workers already gone, say: nothing more to wait for
+            logger.debug("Waiting for the workers' writes failed: %s", e)
+
     async def close(self) -> None:
         if not self.started:
             return
@@ -234,6 +254,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
+        self.scheduler.stream_handlers.pop("storage-stored", None)
         for handler in ("storage_info", "storage_set_writing", "storage_status", "storage_tokens"):
             self.scheduler.handlers.pop(handler, None)
         uninstall_policies(self.scheduler)
@@ -286,16 +307,51 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         ts = self.scheduler.tasks.get(key)
         if ts is None or ts.state != "memory":
             return
+        self.lanes.add(ts, stored.get("token"))
+        self._record(key, ts, stored)
+
+    def _record(self, key: Any, ts: Any, stored: StoredResult) -> None:
+        """Record a result a worker wrote (not one it loaded) in the catalog."""
         token = stored.get("token")
-        self.lanes.add(ts, token)
-        if not stored.get("loaded") and token is not None and "nbytes" in stored:
-            self.counters.stored += 1
-            self.counters.stored_bytes += stored["nbytes"]
-            lineage = self.reuse.tokens.recorded(ts, token)
-            keep = self.retention.keeps(key)
-            created = stored.get("created")
-            self.catalog.add(key, token, stored["nbytes"], keep, lineage, created)
-            self.retention.stored(key, token)
+        if stored.get("loaded") or token is None or "nbytes" not in stored:
+            return
+        self.counters.stored += 1
+        self.counters.stored_bytes += stored["nbytes"]
+        lineage = None if ts is None else self.reuse.tokens.recorded(ts, token)
+        keep = self.retention.keeps(key)
+        created = stored.get("created")
+        self.catalog.add(key, token, stored["nbytes"], keep, lineage, created)
+        self.retention.stored(key, token)
+
+    def handle_stored(
+        self,
+        key: Any,
+        run_id: int,
+        stored: StoredResult,
+        stimulus_id: str,
+        worker: str | None = None,
+    ) -> None:
+        """A write-behind landed (stream op): the store holds ``key``'s result of run
+        ``run_id`` on ``worker``.
+
+        Its lane replica is added only if that run's result is what the cluster holds:
+        the key is in memory from that run, still on that worker. A notification that
+        comes after the key was released, forgotten or recomputed adds no replica; the
+        object is still a valid result of its token, recorded in the catalog, and deleted
+        like any intermediate if nothing holds the key any more.
+        """
+        ts = self.scheduler.tasks.get(key)
+        current = (
+            ts is not None
+            and ts.state == "memory"
+            and _compat.task_run_id(ts) == run_id
+            and any(ws.address == worker for ws in ts.who_has or ())
+        )
+        if current and ts is not None:
+            self.lanes.add(ts, stored.get("token"))
+        self._record(key, ts if current else None, stored)
+        if not current and (ts is None or ts.state in ("released", "forgotten", "erred")):
+            self.retention.dropped(key, stored.get("token"))
 
     def update_graph(
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
