@@ -8,6 +8,8 @@ delay (20 and 50 ms), on one cluster per mode (2 workers x 1 thread):
 * ``tree``: a pairwise tree reduction of ~2,000 tasks of ~1 ms with 1 KiB results; wall
   time, and S3 requests per task by method (PUT, GET, HEAD, POST, DELETE, LIST), which
   include the scheduler's own (catalog, lease);
+* ``chain``: 50 dependent tasks of ~1 ms, one after the other: the latency on the
+  critical path;
 * ``transfer``: 16 arrays of 16 MiB made on worker A and reduced on worker B; wall time
   and throughput;
 * ``s3fs``: the reference for ``transfer``: plain s3fs writes the same bytes through the
@@ -25,6 +27,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import psutil
 
 import dask.config
 from dask import delayed
@@ -48,6 +51,28 @@ def _tree(client: Client, leaves: int, seconds: float) -> tuple[bool, float, int
     got = client.compute(graph).result()
     wall = time.perf_counter() - start
     return got == expected.tobytes(), wall, executed(client) - before
+
+
+def _chain(client: Client, length: int, seconds: float) -> tuple[bool, float]:
+    """A chain of ``length`` dependent ~1 ms tasks: the store's latency on the critical
+    path of every link (write-through), or of none (write-behind)."""
+    token = uuid.uuid4().hex
+    x = delayed(leaf)(0, seconds, token)
+    for _ in range(length - 1):
+        x = delayed(combine)(x, x, seconds)
+    start = time.perf_counter()
+    got = client.compute(x).result()
+    wall = time.perf_counter() - start
+    # x ^ x: zeros from the second link on.
+    expected = np.random.default_rng(0).bytes(1024) if length == 1 else bytes(1024)
+    return got == expected, wall
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def _s3fs_reference(endpoint: str, bucket: str, nbytes: int, count: int) -> float:
@@ -85,14 +110,22 @@ def s3_latency(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
                 ms = f"{delay * 1000:g}ms"
                 proxy.delay = delay
                 proxy.reset()
+                cpu = _cpu_seconds(params.get("server_pid"))
                 ok, wall, ran = _tree(client, params["leaves"], params["task_seconds"])
                 requests = proxy.requests()
+                after = _cpu_seconds(params.get("server_pid"))
+                if cpu is not None and after is not None:  # the S3 server's own CPU time
+                    out[f"tree_server_cpu_seconds_{ms}"] = after - cpu
                 out["correct"] = out["correct"] and ok
                 out[f"tree_seconds_{ms}"] = wall
                 out[f"tree_executed_{ms}"] = ran
                 out[f"tree_requests_{ms}"] = requests
                 out[f"tree_requests_by_kind_{ms}"] = proxy.requests_by_kind()
                 out[f"tree_requests_per_task_{ms}"] = sum(requests.values()) / out["tasks"]
+                ok, out[f"chain_seconds_{ms}"] = _chain(
+                    client, params["chain"], params["task_seconds"]
+                )
+                out["correct"] = out["correct"] and ok
             figures = cluster_figures(lc, client, sampler)
         for delay in delays:  # a cluster of its own: transfer() starts one
             ms = f"{delay * 1000:g}ms"

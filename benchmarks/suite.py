@@ -357,6 +357,7 @@ WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         s3_latency,
         {
             "leaves": 1000,
+            "chain": 50,
             "task_seconds": 0.001,
             "array_bytes": parse_bytes("16MiB"),
             "arrays": 16,
@@ -364,6 +365,7 @@ WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         },
         {
             "leaves": 16,
+            "chain": 4,
             "task_seconds": 0.001,
             "array_bytes": parse_bytes("1MiB"),
             "arrays": 2,

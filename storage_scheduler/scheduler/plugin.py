@@ -157,7 +157,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
         registry.register(self.store_id, store, self.drop_unreadable, self.lanes.lookup)
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
-        scheduler.stream_handlers["storage-stored"] = self.handle_stored
+        scheduler.handlers["storage_stored"] = self.storage_stored
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
         scheduler.handlers["storage_status"] = self.storage_status
@@ -254,8 +254,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         registry.unregister(self.store_id, self.store)
         self.scheduler.stream_handlers.pop("storage-unreadable", None)
-        self.scheduler.stream_handlers.pop("storage-stored", None)
-        for handler in ("storage_info", "storage_set_writing", "storage_status", "storage_tokens"):
+        for handler in (
+            *("storage_info", "storage_set_writing", "storage_status", "storage_tokens"),
+            "storage_stored",
+        ):
             self.scheduler.handlers.pop(handler, None)
         uninstall_policies(self.scheduler)
         self.store.close()
@@ -323,16 +325,15 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.catalog.add(key, token, stored["nbytes"], keep, lineage, created)
         self.retention.stored(key, token)
 
-    def handle_stored(
-        self,
-        key: Any,
-        run_id: int,
-        stored: StoredResult,
-        stimulus_id: str,
-        worker: str | None = None,
-    ) -> None:
-        """A write-behind landed (stream op): the store holds ``key``'s result of run
-        ``run_id`` on ``worker``.
+    def storage_stored(self, records: list[dict[str, Any]], worker: str) -> None:
+        """Write-behinds of ``worker`` landed (RPC; the worker frees their room in its
+        write budget once this returns): see :meth:`handle_stored`."""
+        for r in records:
+            self.handle_stored(r["key"], r["run_id"], r["stored"], worker)
+
+    def handle_stored(self, key: Any, run_id: int, stored: StoredResult, worker: str) -> None:
+        """A write-behind landed: the store holds ``key``'s result of run ``run_id`` on
+        ``worker``.
 
         Its lane replica is added only if that run's result is what the cluster holds:
         the key is in memory from that run, still on that worker. A notification that

@@ -11,8 +11,9 @@ durability modes (``storage-scheduler.durability``):
   slot back, as a task that calls ``distributed.secede`` does, so that the next task
   computes meanwhile.
 * ``write-behind``: the task is reported at once, its result in worker memory as in
-  stock Dask (peers serve it); the write runs in the background and, once it lands, a
-  ``storage-stored`` message tells the scheduler to add the lane replica.
+  stock Dask (peers serve it); the write runs in the background and, once it lands, the
+  ``storage_stored`` RPC tells the scheduler to add the lane replica (results that land
+  meanwhile go in the same call).
 
 Either way, results awaiting upload are bounded per worker by a :class:`WriteBudget`
 (``write-buffer`` bytes, and ``max-concurrency`` results): many writes are in flight, so
@@ -132,6 +133,10 @@ class ResultWriter:
     budget: WriteBudget
     #: Writes running in the background (write-behind), to wait for at teardown.
     _behind: set[asyncio.Task[None]]
+    #: Landed writes the scheduler is still to hear of, each with what to resolve then.
+    _landed: list[tuple[dict[str, Any], asyncio.Future[None]]]
+    #: The task sending them, while one runs.
+    _notifier: asyncio.Task[None] | None
 
     def __init__(self, worker: Worker, store: Store, settings: WorkerSettings):
         self.worker = worker
@@ -143,6 +148,8 @@ class ResultWriter:
         self._warned = set()
         self.budget = WriteBudget(settings.write_buffer, store.settings.max_concurrency)
         self._behind = set()
+        self._landed = []
+        self._notifier = None
 
     def wrap(self, original: _compat.Execute) -> _compat.Execute:
         async def execute(key: Any, *, stimulus_id: str) -> StateMachineEvent:
@@ -268,21 +275,42 @@ class ResultWriter:
     async def _write_behind(self, key: Any, value: object, ts: Any, run_id: int, size: int) -> None:
         try:
             stored = await self._write(key, value, ts)
+            if stored is not None:
+                # The run tells the scheduler which computation of the key this result
+                # is: a key released or recomputed since gets no lane replica from it.
+                await self._notify({"key": key, "run_id": run_id, "stored": stored})
         finally:
+            # Only once the scheduler knows: a worker lost now loses no stored result
+            # the scheduler has not heard of beyond what the budget holds.
             self.budget.give(size)
             self.stats.writes_behind -= 1
-        if stored is not None:
-            # The run tells the scheduler which computation of the key this result is:
-            # a key released or recomputed since gets no lane replica from it.
-            self.worker.batched_send(
-                {
-                    "op": "storage-stored",
-                    "key": key,
-                    "run_id": run_id,
-                    "stored": stored,
-                    "stimulus_id": f"storage-stored-{time.time()}",
-                }
-            )
+
+    async def _notify(self, record: dict[str, Any]) -> None:
+        """Tell the scheduler that a result landed; return once it has recorded it.
+
+        Results that land while a notification is under way go together in the next one.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._landed.append((record, done))
+        if self._notifier is None:
+            self._notifier = asyncio.ensure_future(self._send_landed())
+        await done
+
+    async def _send_landed(self) -> None:
+        try:
+            while self._landed:
+                batch, self._landed = self._landed, []
+                try:
+                    await self.worker.scheduler.storage_stored(
+                        records=[r for r, _ in batch], worker=self.worker.address
+                    )
+                except Exception as e:  # the scheduler is gone: nobody to tell
+                    logger.debug("Cannot report %d stored results: %s", len(batch), e)
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._notifier = None
 
     def _write_failed(self, key: Any, error: Exception) -> None:
         self.stats.write_failures += 1
