@@ -20,6 +20,7 @@ from dask import delayed
 from distributed import wait
 from distributed.utils_test import gen_cluster, inc
 
+from storage_scheduler.scheduler import landed
 from storage_scheduler.worker.writer import WriteBudget
 from tests.faulty_fs import FaultyFileSystem
 from tests.utils import async_poll_until, enable_storage, lane_keys
@@ -179,11 +180,11 @@ async def test_write_behind_stale_run_adds_no_replica(c: Any, s: Any, a: Any) ->
     ts = s.tasks["x"]
     stored = {"nbytes": 10, "token": "another", "created": time.time()}
     plugin.lanes.drop(ts)
-    plugin.handle_stored("x", ts.run_id - 1, stored, worker=a.address)
+    landed.handle_stored(plugin, "x", ts.run_id - 1, stored, worker=a.address)
     assert not plugin.lanes.holds(ts)
-    plugin.handle_stored("x", ts.run_id, stored, worker="tcp://elsewhere:1")
+    landed.handle_stored(plugin, "x", ts.run_id, stored, worker="tcp://elsewhere:1")
     assert not plugin.lanes.holds(ts)
-    plugin.handle_stored("x", ts.run_id, stored, worker=a.address)
+    landed.handle_stored(plugin, "x", ts.run_id, stored, worker=a.address)
     assert plugin.lanes.holds(ts) and plugin.lanes.tokens["x"] == "another"
 
 
@@ -202,7 +203,7 @@ async def test_inputs_of_a_task_are_read_together(c: Any, s: Any, a: Any, b: Any
     await wait(inputs)
     assert lane_keys(await c.who_has(inputs)) == {f.key for f in inputs}
     FAULTS.reset()
-    FAULTS.latency = 0.5
+    FAULTS.latency = 1.0
     try:
         start = time.monotonic()
         out = c.submit(gather_inputs, *inputs, key="out", workers=[b.address])
@@ -212,6 +213,7 @@ async def test_inputs_of_a_task_are_read_together(c: Any, s: Any, a: Any, b: Any
     finally:
         FAULTS.latency = 0.0
     assert FAULTS.calls["read"] >= 8  # from the store, not from worker a
-    # One after the other: 8 x 0.5 s. At once: 0.5 s (1 s if the thread pool that runs
-    # the faulty filesystem's calls has fewer than 8 threads).
-    assert elapsed < 2.0, elapsed
+    # One after the other: 8 x 1 s. At once: 1 s, or 2 s if the thread pool that runs the
+    # faulty filesystem's calls (shared with the scheduler's catalog and lease writes,
+    # as slow) is smaller than 8.
+    assert elapsed < 4.0, elapsed

@@ -18,7 +18,7 @@ from distributed import worker_state_machine as wsm
 from distributed.active_memory_manager import ActiveMemoryManagerExtension
 from distributed.comm.core import Comm
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
-from distributed.utils_test import gen_cluster, inc
+from distributed.utils_test import async_poll_for, gen_cluster, inc
 
 from storage_scheduler import _compat
 
@@ -278,6 +278,32 @@ async def test_execute_wrapper_and_metadata(c: Any, s: Scheduler, a: Worker) -> 
     _compat.restore_execute(a, original)
     assert a.execute == original
     assert events == [True, False] and received == ["ok"]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_task_run_id_matches_the_workers(c: Any, s: Scheduler, a: Worker) -> None:
+    """The scheduler's run id of a task is the one its worker's success event carries
+    (write-behind notifications are matched by it), and a new run gets a new one."""
+    seen: list[int] = []
+
+    def wrapper(original: Any) -> Any:
+        async def execute(key: Any, *, stimulus_id: str) -> Any:
+            event = await original(key, stimulus_id=stimulus_id)
+            seen.append(event.run_id)
+            return event
+
+        return execute
+
+    original = _compat.wrap_execute(a, wrapper)
+    x = c.submit(inc, 1, key="x")
+    await x
+    first = _compat.task_run_id(s.tasks["x"])
+    assert seen == [first]
+    del x
+    await async_poll_for(lambda: "x" not in s.tasks, timeout=5)
+    assert await c.submit(inc, 1, key="x") == 2
+    assert seen[-1] == _compat.task_run_id(s.tasks["x"]) != first
+    _compat.restore_execute(a, original)
 
 
 @gen_cluster(client=True, nthreads=[("", 1)])

@@ -14,7 +14,6 @@ run in one background task, the lease in another (no failure of the first stops 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -44,7 +43,7 @@ from storage_scheduler.config import (
 )
 from storage_scheduler.dashboard import add_dashboard_page
 from storage_scheduler.metrics import ensure_collector
-from storage_scheduler.scheduler import status
+from storage_scheduler.scheduler import landed, status
 from storage_scheduler.scheduler.amm import install_policies, uninstall_policies
 from storage_scheduler.scheduler.lanes import Lanes
 from storage_scheduler.scheduler.retention import Retention
@@ -224,19 +223,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         return self.storage_info()
 
     async def before_close(self) -> None:
-        """Let the workers' writes still running (write-behind) land, and their
-        notifications arrive, before the catalog is written for the last time."""
-        if not self.started or self.settings.worker.durability != "write-behind":
-            return
-        try:
-            await asyncio.wait_for(
-                self.scheduler.broadcast(msg={"op": "storage_flush"}, on_error="ignore"),
-                FLUSH_WAIT,
-            )
-            # The notifications travel on the workers' batched streams (a few ms apart).
-            await asyncio.sleep(0.1)
-        except Exception as e:  # workers already gone, say: nothing more to wait for
-            logger.debug("Waiting for the workers' writes failed: %s", e)
+        if self.started and self.settings.worker.durability == "write-behind":
+            await landed.flush_workers(self.scheduler, FLUSH_WAIT)
 
     async def close(self) -> None:
         if not self.started:
@@ -310,9 +298,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         if ts is None or ts.state != "memory":
             return
         self.lanes.add(ts, stored.get("token"))
-        self._record(key, ts, stored)
+        self.record(key, ts, stored)
 
-    def _record(self, key: Any, ts: Any, stored: StoredResult) -> None:
+    def record(self, key: Any, ts: Any, stored: StoredResult) -> None:
         """Record a result a worker wrote (not one it loaded) in the catalog."""
         token = stored.get("token")
         if stored.get("loaded") or token is None or "nbytes" not in stored:
@@ -326,33 +314,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.retention.stored(key, token)
 
     def storage_stored(self, records: list[dict[str, Any]], worker: str) -> None:
-        """Write-behinds of ``worker`` landed (RPC; the worker frees their room in its
-        write budget once this returns): see :meth:`handle_stored`."""
+        """Write-behinds of ``worker`` landed (RPC): see :mod:`.landed`."""
         for r in records:
-            self.handle_stored(r["key"], r["run_id"], r["stored"], worker)
-
-    def handle_stored(self, key: Any, run_id: int, stored: StoredResult, worker: str) -> None:
-        """A write-behind landed: the store holds ``key``'s result of run ``run_id`` on
-        ``worker``.
-
-        Its lane replica is added only if that run's result is what the cluster holds:
-        the key is in memory from that run, still on that worker. A notification that
-        comes after the key was released, forgotten or recomputed adds no replica; the
-        object is still a valid result of its token, recorded in the catalog, and deleted
-        like any intermediate if nothing holds the key any more.
-        """
-        ts = self.scheduler.tasks.get(key)
-        current = (
-            ts is not None
-            and ts.state == "memory"
-            and _compat.task_run_id(ts) == run_id
-            and any(ws.address == worker for ws in ts.who_has or ())
-        )
-        if current and ts is not None:
-            self.lanes.add(ts, stored.get("token"))
-        self._record(key, ts if current else None, stored)
-        if not current and (ts is None or ts.state in ("released", "forgotten", "erred")):
-            self.retention.dropped(key, stored.get("token"))
+            landed.handle_stored(self, r["key"], r["run_id"], r["stored"], worker)
 
     def update_graph(
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any
