@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+import dask.config
 from dask import delayed
 from dask.utils import format_bytes, parse_bytes
 from distributed import Client, LocalCluster, wait
@@ -231,6 +232,11 @@ def worker_loss(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]
         pids = client.run(os.getpid)
         victim = workers(client)[0]
         out["killed_worker_threads"] = client.nthreads()[victim]
+        # The documented bound: its threads' tasks and its results awaiting upload.
+        pending = int(dask.config.get("storage-scheduler.max-concurrency"))
+        out["reexecution_bound"] = out["killed_worker_threads"] + (
+            pending if mode == "storage" else 0
+        )
         for fault in (False, True):
             marks = tempfile.mkdtemp(prefix="worker-loss-")
             try:
@@ -339,7 +345,7 @@ WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         worker_loss,
         {"width": 200, "task_seconds": 0.05, "result_bytes": parse_bytes("1MiB")},
         {"width": 10, "task_seconds": 0.02, "result_bytes": parse_bytes("64KiB")},
-        "tasks re-executed <= the killed worker's threads (1)",
+        "tasks re-executed <= the killed worker's threads (1) + its results awaiting upload",
     ),
     "retire": (
         retire,

@@ -192,7 +192,11 @@ def gather_inputs(*xs: Any) -> float:
     return float(sum(x.sum() for x in xs))
 
 
-@gen_cluster(client=True, nthreads=[("", 1), ("", 1)])
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1), ("", 1)],
+    config={"storage-scheduler.durability": "write-through"},  # stored once reported
+)
 async def test_inputs_of_a_task_are_read_together(c: Any, s: Any, a: Any, b: Any) -> None:
     """A task's inputs in the store are fetched at once (one batch per lane, lanes in
     parallel, the keys of a batch read concurrently): one store latency, not one per
