@@ -33,21 +33,17 @@ __all__ = ["flush_workers", "handle_stored", "is_current"]
 logger = logging.getLogger(__name__)
 
 
-def is_current(ts: TaskState | None, run_id: int, worker: str) -> bool:
-    """Whether run ``run_id`` of ``ts`` on ``worker`` is the result the cluster holds:
-    the key is in memory from that run, still on that worker."""
-    return (
-        ts is not None
-        and ts.state == "memory"
-        and _compat.task_run_id(ts) == run_id
-        and any(ws.address == worker for ws in ts.who_has or ())
-    )
+def is_current(ts: TaskState | None, run_id: int) -> bool:
+    """Whether run ``run_id`` of ``ts`` is the result the cluster holds: the key is in
+    memory from that run (on its worker, or copied from it since: a retired worker's
+    results move to another before its writes land)."""
+    return ts is not None and ts.state == "memory" and _compat.task_run_id(ts) == run_id
 
 
 def handle_stored(
     plugin: StorageSchedulerPlugin, key: Any, run_id: int, stored: StoredResult, worker: str
 ) -> None:
-    """The store holds ``key``'s result of run ``run_id`` on ``worker``.
+    """The store holds ``key``'s result of run ``run_id``, computed on ``worker``.
 
     Its lane replica is added only if that run is current (:func:`is_current`). A
     notification that comes after the key was released, forgotten or recomputed adds no
@@ -56,7 +52,7 @@ def handle_stored(
     had asked for it).
     """
     ts = plugin.scheduler.tasks.get(key)
-    current = is_current(ts, run_id, worker)
+    current = is_current(ts, run_id)
     if current and ts is not None:
         plugin.lanes.add(ts, stored.get("token"))
     plugin.record(key, ts if current else None, stored)
