@@ -285,7 +285,7 @@ class WorkerSettings:
     write: bool = True
     #: ``"write-through"``: report a task once its result is stored; ``"write-behind"``:
     #: report it at once, record the store as a holder when the write lands.
-    durability: str = "write-behind"
+    durability: str = "write-through"
     #: Bytes of results awaiting upload per worker (with ``max-concurrency`` results).
     write_buffer: int = 128 * 2**20
 

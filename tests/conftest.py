@@ -18,9 +18,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", CREDENTIALS["secret"])
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 # Tests that care about durability choose it (parametrized over both modes); the others
-# were written for write-through, where a finished task's result is already stored (a
-# lane holds it as soon as the client has it). Run the whole suite in the default mode
-# with DASK_STORAGE_SCHEDULER__DURABILITY=write-behind.
+# assume write-through (the default), where a finished task's result is already stored (a
+# lane holds it as soon as the client has it). DASK_STORAGE_SCHEDULER__DURABILITY set in
+# the environment wins: the suite can be run in write-behind to see what differs.
 os.environ.setdefault("DASK_STORAGE_SCHEDULER__DURABILITY", "write-through")
 if "dask.config" in sys.modules:  # read before this file set it: read the environment again
     import dask.config
