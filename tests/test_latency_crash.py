@@ -95,6 +95,8 @@ def test_sigkill_worker_at_latency(s3_endpoint: str, tmp_path: Path, durability:
     # Write-through: the tasks its thread ran and its results awaiting upload. Write-behind:
     # those results were reported, so their inputs (two each here) may have been released
     # meanwhile, and are recomputed with them.
+    # Either way, one more: a result stored in the last milliseconds, its report (or
+    # notification) not yet out of the worker when the budget let the next write in.
     per_result = 1 if durability == "write-through" else 3
-    bound = threads + per_result * MAX_CONCURRENCY
+    bound = threads + per_result * MAX_CONCURRENCY + 1
     assert reexecuted <= bound, {k: v for k, v in counts.items() if v > 1}
