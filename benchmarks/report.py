@@ -60,6 +60,7 @@ HEADLINES: dict[
     "worker-loss": ("tasks re-executed", lambda r: r["reexecuted"], lambda v: f"{v:g}", 1.0, True),
     "retire": ("retire_workers time", lambda r: r["wall_seconds"], secs, 0.1, True),
     "s3": ("throughput, end to end", lambda r: r["throughput"], mb_s, 0.0, False),
+    "s3-latency": ("tree wall time at 20 ms", lambda r: r["wall_seconds"], secs, 1.5, True),
 }
 
 
@@ -69,7 +70,9 @@ def verdict(name: str, rows: Rows) -> tuple[str, str]:
     stock, storage = (median(rows, m, figure) for m in MODES)
     if name == "rerun":  # the target is on storage's own ratio
         return fmt(storage), "met" if storage <= target else "missed"
-    if name == "worker-loss":  # the target is on a count
+    if name == "worker-loss":  # the target is on a count: the documented bound
+        bounds = [r.get("reexecution_bound") for r in rows if r["mode"] == "storage"]
+        target = min(bounds) if all(isinstance(b, int) for b in bounds) and bounds else target
         return f"{storage:g} vs {stock:g}", "met" if storage <= target else "missed"
     if name == "s3":
         return f"{storage / stock:.2f}", "reported"

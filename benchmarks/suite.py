@@ -25,6 +25,8 @@ Workloads (see :data:`WORKLOADS`):
 * ``retire``: retire a worker that holds 4 GiB of results.
 * ``s3``: the transfer workload with the store on an S3 API (the moto server that
   ``ci/bench.sh`` starts on 127.0.0.1); stock moves the same data peer-to-peer.
+* ``s3-latency``: a tree of tiny tasks and the transfer, with every S3 request delayed
+  20 and 50 ms by a proxy (see :mod:`benchmarks.s3_latency`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+import dask.config
 from dask import delayed
 from dask.utils import format_bytes, parse_bytes
 from distributed import Client, LocalCluster, wait
@@ -232,6 +235,11 @@ def worker_loss(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]
         pids = client.run(os.getpid)
         victim = workers(client)[0]
         out["killed_worker_threads"] = client.nthreads()[victim]
+        # The documented bound: its threads' tasks and its results awaiting upload.
+        pending = int(dask.config.get("storage-scheduler.max-concurrency"))
+        out["reexecution_bound"] = out["killed_worker_threads"] + (
+            pending if mode == "storage" else 0
+        )
         for fault in (False, True):
             marks = tempfile.mkdtemp(prefix="worker-loss-")
             try:
@@ -310,6 +318,12 @@ def s3(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
     return transfer(mode, store, params, storage_options={"endpoint_url": endpoint})
 
 
+def s3_latency(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.s3_latency import s3_latency as run
+
+    return run(mode, store, params)
+
+
 #: name -> (function, full-size parameters, smoke parameters, target)
 WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[str, Any], str]] = {
     "transfer": (
@@ -340,7 +354,7 @@ WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         worker_loss,
         {"width": 200, "task_seconds": 0.05, "result_bytes": parse_bytes("1MiB")},
         {"width": 10, "task_seconds": 0.02, "result_bytes": parse_bytes("64KiB")},
-        "tasks re-executed <= the killed worker's threads (1)",
+        "tasks re-executed <= the killed worker's threads (1) + its results awaiting upload",
     ),
     "retire": (
         retire,
@@ -354,11 +368,31 @@ WORKLOADS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         {"array_bytes": parse_bytes("1MiB"), "arrays": 2},
         "runs and reports (moto, an in-memory test server, is the limit)",
     ),
+    "s3-latency": (
+        s3_latency,
+        {
+            "leaves": 1000,
+            "chain": 50,
+            "task_seconds": 0.001,
+            "array_bytes": parse_bytes("16MiB"),
+            "arrays": 16,
+            "delays": [0.02, 0.05],
+        },
+        {
+            "leaves": 16,
+            "chain": 4,
+            "task_seconds": 0.001,
+            "array_bytes": parse_bytes("1MiB"),
+            "arrays": 2,
+            "delays": [0.02],
+        },
+        "at 20 ms: tree <= 1.5x stock (50 ms: 2.0x), transfer >= 0.8x s3fs, <= 0.5 requests/task",
+    ),
 }
 
 
 def store_for(workload: str, work: str, endpoint: str | None) -> str:
-    if workload != "s3":
+    if workload not in ("s3", "s3-latency"):
         return f"file://{work}/store"
     import fsspec
 
@@ -371,7 +405,7 @@ def store_for(workload: str, work: str, endpoint: str | None) -> str:
 def run_workload(name: str, repeat: int, smoke: bool, endpoint: str | None) -> list[dict[str, Any]]:
     func, full, tiny, target = WORKLOADS[name]
     params = dict(tiny if smoke else full)
-    if name == "s3":
+    if name in ("s3", "s3-latency"):
         params["endpoint"] = endpoint
     rows = []
     for rep in range(repeat):
@@ -435,8 +469,8 @@ def main(argv: list[str]) -> int:
         help="S3 API for the s3 workload (default: $STORAGE_SCHEDULER_TEST_S3_ENDPOINT)",
     )
     args = parser.parse_args(argv)
-    if "s3" in args.workloads and not args.s3_endpoint:
-        parser.error("the s3 workload needs --s3-endpoint (ci/bench.sh starts a moto server)")
+    if {"s3", "s3-latency"} & set(args.workloads) and not args.s3_endpoint:
+        parser.error("the s3 workloads need --s3-endpoint (ci/bench.sh starts a moto server)")
     for var, value in (
         ("AWS_ACCESS_KEY_ID", "bench"),
         ("AWS_SECRET_ACCESS_KEY", "bench"),

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 import dask.config
-from dask.utils import parse_timedelta
+from dask.utils import parse_bytes, parse_timedelta
 
 from storage_scheduler._exceptions import StorageConfigError
 
@@ -291,6 +291,11 @@ class WorkerSettings:
     policy: str = "all"
     #: Most estimated recompute work (seconds) an unstored result may stand for.
     recompute_limit: float = 1.0
+    #: ``"write-through"``: report a task once its result is stored; ``"write-behind"``:
+    #: report it at once, record the store as a holder when the write lands.
+    durability: str = "write-through"
+    #: Bytes of results awaiting upload per worker (with ``max-concurrency`` results).
+    write_buffer: int = 128 * 2**20
 
     @classmethod
     def from_config(cls) -> WorkerSettings:
@@ -302,6 +307,16 @@ class WorkerSettings:
             raise StorageConfigError(
                 f"storage-scheduler.recompute-limit must not be negative, got {limit}"
             )
+        try:
+            buffer = parse_bytes(cfg["write-buffer"])
+        except (TypeError, ValueError) as e:
+            raise StorageConfigError(
+                f"storage-scheduler.write-buffer: not a size: {cfg['write-buffer']!r}"
+            ) from e
+        if buffer < 1:
+            raise StorageConfigError(
+                f"storage-scheduler.write-buffer must be positive, got {cfg['write-buffer']!r}"
+            )
         return cls(
             results=cfg["results"],
             prefer=cfg["prefer"],
@@ -309,6 +324,8 @@ class WorkerSettings:
             relief_threshold=relief,
             policy=cfg["policy"],
             recompute_limit=limit,
+            durability=cfg["durability"],
+            write_buffer=buffer,
         )
 
 

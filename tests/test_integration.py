@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+import dask
 from distributed import Client, LocalCluster, wait
 from distributed.utils_test import gen_test
 
 from storage_scheduler import Store
 from tests.conftest import make_bucket, s3_options
 from tests.s3server import MotoServer
-from tests.utils import consume, lane_keys, produce, runs, stored_value
+from tests.utils import async_poll_until, consume, lane_keys, produce, runs, stored_value
 
 pytestmark = [pytest.mark.slow]
 
@@ -29,8 +30,29 @@ def preload_kwargs(url: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"preload": ["storage_scheduler"], "preload_argv": argv}
 
 
+async def lanes_hold(c: Client, futures: list[Any], timeout: float = 30) -> None:
+    """Wait until the lanes hold ``futures`` (at once with write-through; once the
+    writes land with write-behind)."""
+
+    async def held() -> bool:
+        return lane_keys(await c.who_has(futures)) == {f.key for f in futures}
+
+    await async_poll_until(held, timeout=timeout, what="the lanes holding the results")
+
+
+DURABILITY = pytest.mark.parametrize("durability", ["write-through", "write-behind"])
+
+
+@DURABILITY
+def test_sigkill_worker_mid_run(
+    backend: tuple[str, dict[str, Any]], tmp_path: Path, durability: str
+) -> None:
+    with dask.config.set({"storage-scheduler.durability": durability}):
+        _sigkill_worker_mid_run(backend, tmp_path)
+
+
 @gen_test(timeout=180)
-async def test_sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+async def _sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     url, options = backend
     marks = tmp_path / "runs"
     marks.mkdir()
@@ -58,7 +80,7 @@ async def test_sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_p
         ]
         await wait(producers)
         # Every producer is done and stored; the consumers are still running on b.
-        assert lane_keys(await c.who_has(producers)) == {p.key for p in producers}
+        await lanes_hold(c, producers, timeout=2)
         pid = (await c.run(os.getpid, workers=[a]))[a]
         os.kill(pid, signal.SIGKILL)
         results = await asyncio.wait_for(c.gather(consumers), 120)
@@ -72,9 +94,15 @@ async def test_sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_p
         store.close()
 
 
-@gen_test(timeout=240)
-async def test_store_stopped_mid_run(tmp_path: Path) -> None:
+@DURABILITY
+def test_store_stopped_mid_run(tmp_path: Path, durability: str) -> None:
     """Kill the S3 server mid-run: tasks go on peer-to-peer and the result is correct."""
+    with dask.config.set({"storage-scheduler.durability": durability}):
+        _store_stopped_mid_run(tmp_path)
+
+
+@gen_test(timeout=240)
+async def _store_stopped_mid_run(tmp_path: Path) -> None:
     marks = tmp_path / "runs"
     marks.mkdir()
     with MotoServer() as server:
@@ -95,7 +123,7 @@ async def test_store_stopped_mid_run(tmp_path: Path) -> None:
                 c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(4)
             ]
             await wait(first)
-            assert lane_keys(await c.who_has(first)) == {f.key for f in first}
+            await lanes_hold(c, first)
             server.stop()
             later = [
                 c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a])

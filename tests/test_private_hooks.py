@@ -281,6 +281,32 @@ async def test_execute_wrapper_and_metadata(c: Any, s: Scheduler, a: Worker) -> 
 
 
 @gen_cluster(client=True, nthreads=[("", 1)])
+async def test_task_run_id_matches_the_workers(c: Any, s: Scheduler, a: Worker) -> None:
+    """The scheduler's run id of a task is the one its worker's success event carries
+    (write-behind notifications are matched by it), and a new run gets a new one."""
+    seen: list[int] = []
+
+    def wrapper(original: Any) -> Any:
+        async def execute(key: Any, *, stimulus_id: str) -> Any:
+            event = await original(key, stimulus_id=stimulus_id)
+            seen.append(event.run_id)
+            return event
+
+        return execute
+
+    original = _compat.wrap_execute(a, wrapper)
+    x = c.submit(inc, 1, key="x")
+    await x
+    first = _compat.task_run_id(s.tasks["x"])
+    assert seen == [first]
+    del x
+    await async_poll_for(lambda: "x" not in s.tasks, timeout=5)
+    assert await c.submit(inc, 1, key="x") == 2
+    assert seen[-1] == _compat.task_run_id(s.tasks["x"]) != first
+    _compat.restore_execute(a, original)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
 async def test_worker_task_skips_actors(c: Any, s: Scheduler, a: Worker) -> None:
     class Counter:
         n = 0

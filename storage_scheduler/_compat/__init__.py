@@ -88,6 +88,7 @@ __all__ = [
     "set_run_spec",
     "spilled_to_disk",
     "swap_state_class",
+    "task_run_id",
     "undo_put_in_memory",
     "unwant_keys",
     "want_keys",
@@ -177,6 +178,12 @@ def set_run_spec(ts: TaskState, spec: Any) -> None:
     """Give a task that has not started another body (only from ``update_graph``, or after
     the body failed)."""
     ts.run_spec = spec
+
+
+def task_run_id(ts: TaskState) -> int | None:
+    """Which run of ``ts`` the scheduler waits for or holds: the ``run_id`` it sent with
+    the task and that workers send back with its result."""
+    return ts.run_id
 
 
 def annotate(ts: TaskState, **annotations: Any) -> None:

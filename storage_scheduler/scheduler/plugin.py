@@ -42,7 +42,7 @@ from storage_scheduler.config import (
 )
 from storage_scheduler.dashboard import add_dashboard_page
 from storage_scheduler.metrics import ensure_collector
-from storage_scheduler.scheduler import status
+from storage_scheduler.scheduler import landed, status
 from storage_scheduler.scheduler.amm import (
     forget_lost_replicas,
     install_policies,
@@ -64,6 +64,9 @@ __all__ = ["StorageSchedulerPlugin"]
 
 logger = logging.getLogger(__name__)
 
+#: Longest wait of a closing scheduler for the workers' writes still running (seconds).
+FLUSH_WAIT = 10.0
+
 
 def _warn_if_unsigned(store: Store) -> None:
     if not store.settings.signing_keys and not store.local:
@@ -73,6 +76,14 @@ def _warn_if_unsigned(store: Store) -> None:
             "(DASK_STORAGE_SCHEDULER__SIGNING_KEY) on the scheduler.",
             store.url,
         )
+
+
+#: What the plugin adds to the scheduler's stream handlers and RPC handlers.
+STREAM_OPS = ("storage-unreadable", "storage-lost", "storage-skipped")
+HANDLERS = (
+    *("storage_info", "storage_set_writing", "storage_status", "storage_tokens"),
+    "storage_stored",
+)
 
 
 class StorageSchedulerPlugin(SchedulerPlugin):
@@ -161,6 +172,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         scheduler.stream_handlers["storage-unreadable"] = self.handle_unreadable
         scheduler.stream_handlers["storage-lost"] = self.handle_lost
         scheduler.stream_handlers["storage-skipped"] = self.skipped.add
+        scheduler.handlers["storage_stored"] = self.storage_stored
         scheduler.handlers["storage_info"] = self.storage_info
         scheduler.handlers["storage_set_writing"] = self.set_writing
         scheduler.handlers["storage_status"] = self.storage_status
@@ -227,6 +239,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             )
         return self.storage_info()
 
+    async def before_close(self) -> None:
+        if self.started and self.settings.worker.durability == "write-behind":
+            await landed.flush_workers(self.scheduler, FLUSH_WAIT)
+
     async def close(self) -> None:
         if not self.started:
             return
@@ -242,10 +258,9 @@ class StorageSchedulerPlugin(SchedulerPlugin):
                 e,
             )
         registry.unregister(self.store_id, self.store)
-        self.scheduler.stream_handlers.pop("storage-unreadable", None)
-        for op in ("storage-lost", "storage-skipped"):
+        for op in STREAM_OPS:
             self.scheduler.stream_handlers.pop(op, None)
-        for handler in ("storage_info", "storage_set_writing", "storage_status", "storage_tokens"):
+        for handler in HANDLERS:
             self.scheduler.handlers.pop(handler, None)
         uninstall_policies(self.scheduler)
         self.store.close()
@@ -302,16 +317,26 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         ts = self.scheduler.tasks.get(key)
         if ts is None or ts.state != "memory":
             return
+        self.lanes.add(ts, stored.get("token"))
+        self.record(key, ts, stored)
+
+    def record(self, key: Any, ts: Any, stored: StoredResult) -> None:
+        """Record a result a worker wrote (not one it loaded) in the catalog."""
         token = stored.get("token")
-        self.lanes.add(ts, token)
-        if not stored.get("loaded") and token is not None and "nbytes" in stored:
-            self.counters.stored += 1
-            self.counters.stored_bytes += stored["nbytes"]
-            lineage = self.reuse.tokens.recorded(ts, token)
-            keep = self.retention.keeps(key)
-            created = stored.get("created")
-            self.catalog.add(key, token, stored["nbytes"], keep, lineage, created)
-            self.retention.stored(key, token)
+        if stored.get("loaded") or token is None or "nbytes" not in stored:
+            return
+        self.counters.stored += 1
+        self.counters.stored_bytes += stored["nbytes"]
+        lineage = None if ts is None else self.reuse.tokens.recorded(ts, token)
+        keep = self.retention.keeps(key)
+        created = stored.get("created")
+        self.catalog.add(key, token, stored["nbytes"], keep, lineage, created)
+        self.retention.stored(key, token)
+
+    def storage_stored(self, records: list[dict[str, Any]], worker: str) -> None:
+        """Write-behinds of ``worker`` landed (RPC): see :mod:`.landed`."""
+        for r in records:
+            landed.handle_stored(self, r["key"], r["run_id"], r["stored"], worker)
 
     def update_graph(
         self, scheduler: Scheduler, *, keys: set[Any], stimulus_id: str, **kwargs: Any

@@ -45,6 +45,8 @@ RENEW_AFTER = LEASE_TTL / 4
 LEASE_COST_RATIO = 10.0
 #: Longest wait of a closing scheduler for other clusters' rounds (seconds).
 CLOSE_WAIT_MAX = 10.0
+#: Forgotten requested keys remembered for writes still running (write-behind).
+LET_GO_MAX = 100_000
 #: Catalog segments a running scheduler writes before folding them into one snapshot.
 COMPACT_EVERY = 1000
 #: Objects whose headers are read at once when checking whether they were written again.
@@ -67,6 +69,9 @@ class Retention:
     settings: SchedulerSettings
     #: Keys a client asked for (kept in the store when forgotten).
     wanted: set[Any]
+    #: Keys a client asked for and that were forgotten since, the latest last: a result
+    #: whose write lands later (write-behind) is kept too.
+    let_go: dict[Any, None]
     #: Stored results (key, token) whose objects are to be deleted: the maintenance round
     #: in which each was doomed, and its catalog entry (whose ``created`` is the time its
     #: object was written: the object's identity).
@@ -101,6 +106,7 @@ class Retention:
         self.lanes = lanes
         self.settings = settings
         self.wanted = set()
+        self.let_go = {}
         self.doomed = {}
         self.rounds = 0
         self.close_wait = min(2 * settings.flush_interval, CLOSE_WAIT_MAX)
@@ -136,15 +142,25 @@ class Retention:
                 self.catalog.keep(key, reused[key])
 
     def keeps(self, key: Any) -> bool:
-        """Whether ``key``'s result is to be kept when it is stored."""
+        """Whether ``key``'s result is to be kept when it is stored (also when its write
+        lands after the client let go of it: write-behind)."""
         ts = self.scheduler.tasks.get(key)
         annotated = ts is not None and bool((ts.annotations or {}).get("storage_keep"))
-        return key in self.wanted or annotated
+        return key in self.wanted or annotated or key in self.let_go
 
     def released(self, key: Any) -> None:
         """Nothing needs ``key`` any more: stock Dask frees it from RAM, and from the
         store too if it is an intermediate."""
         token = self.lanes.tokens.get(key)
+        entry = self.catalog.get(key, token)
+        if entry is None or entry.kept or self.settings.gc != "intermediates" or self.keeps(key):
+            return
+        self.catalog.discard(key, token)
+        self.doomed[key, token] = (self.rounds, entry)
+
+    def dropped(self, key: Any, token: str | None) -> None:
+        """A result of ``key`` landed after nothing held the key any more (a late
+        write-behind): delete it unless it is to be kept."""
         entry = self.catalog.get(key, token)
         if entry is None or entry.kept or self.settings.gc != "intermediates" or self.keeps(key):
             return
@@ -157,10 +173,15 @@ class Retention:
 
     def forgotten(self, key: Any) -> None:
         self.released(key)
-        self.wanted.discard(key)
+        if key in self.wanted:
+            self.wanted.discard(key)
+            self.let_go[key] = None
+            if len(self.let_go) > LET_GO_MAX:
+                del self.let_go[next(iter(self.let_go))]
 
     def restart(self) -> None:
         self.wanted.clear()
+        self.let_go.clear()
 
     # -------------------------------------------------------------- background
 

@@ -233,7 +233,7 @@ class FsspecBackend(Backend):
             return await asyncio.wrap_future(future)
 
     async def write(self, path: str, frames: Sequence[Buffer]) -> None:
-        if self._s3 and sum(memoryview(f).nbytes for f in frames) > _multipart.PART_BYTES:
+        if self._s3 and sum(memoryview(f).nbytes for f in frames) > _multipart.STREAM_MIN_BYTES:
             # Streamed from the frames: no copy of the object (see _multipart).
             await self._run(lambda: _multipart.upload(self._fs, path, frames))
             return
@@ -242,7 +242,15 @@ class FsspecBackend(Backend):
         await self._call("_pipe_file", path, b"".join(frames))
 
     async def read(self, path: str, end: int | None = None) -> Buffer:
-        data: Buffer = await self._call("_cat_file", path, start=None, end=end)
+        if self._s3:
+            # One GET: s3fs otherwise asks for the size first (a HEAD, one more round
+            # trip at an object store's latency) to split large objects into ranges.
+            # Concurrency comes from reading many objects at once instead.
+            data: Buffer = await self._call(
+                "_cat_file", path, start=None, end=end, max_concurrency=1
+            )
+            return data
+        data = await self._call("_cat_file", path, start=None, end=end)
         return data
 
     async def size(self, path: str) -> int | None:

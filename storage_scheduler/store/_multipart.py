@@ -24,11 +24,16 @@ from typing import Any
 
 from storage_scheduler.store.serialize import Buffer
 
-__all__ = ["PART_BYTES", "upload"]
+__all__ = ["PART_BYTES", "STREAM_MIN_BYTES", "upload"]
 
-#: Size of the parts of a multipart upload (the last one may be smaller). Objects up to
-#: this size are written with one PUT. S3 wants parts of 5 MiB or more.
+#: Size of the parts of a multipart upload (the last one may be smaller). S3 wants parts
+#: of 5 MiB or more.
 PART_BYTES = 16 * 2**20
+#: Objects larger than this are streamed as a multipart upload; smaller ones are one PUT
+#: (their frames joined: one copy). A multipart upload costs four round trips (create,
+#: parts, list, complete) where a PUT costs one: at an object store's latency, that is
+#: most of the time of an object of one or two parts.
+STREAM_MIN_BYTES = 2 * PART_BYTES
 #: Parts uploaded at once, per object: each holds only the HTTP client's chunk buffers.
 PARTS_IN_FLIGHT = 4
 #: S3's limit on the parts of one upload: larger objects get larger parts.

@@ -90,6 +90,7 @@ class Store:
             # No listings cache (s3fs keeps one): a cached listing hides objects written
             # since, and a read of one of them would fail as if it were missing.
             options = {"use_listings_cache": False, **settings.storage_options}
+            options = _with_connection_pool(settings.url, options, settings.max_concurrency)
             fs, root = fsspec.core.url_to_fs(settings.url, **options)
         except (ValueError, ImportError, TypeError) as e:
             message = f"cannot open store URL {redact_url(settings.url)!r}: {e}"
@@ -368,3 +369,16 @@ def _encode(
         created=created,
     )
     return token, frames
+
+
+def _with_connection_pool(url: str, options: dict[str, Any], size: int) -> dict[str, Any]:
+    """``options`` with an S3 connection pool of ``size`` (unless they set one).
+
+    aiobotocore keeps 10 connections per client by default: more requests than that
+    wait for a connection, and at an object store's latency each wait is a round trip.
+    """
+    if url.partition("://")[0] not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", size)
+    return {**options, "config_kwargs": config}

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: Tokens (and costs) a worker keeps before it forgets the oldest half.
 MAX_TOKENS = 100_000
+#: Longest wait of a closing worker for its writes still running (seconds).
+FLUSH_WAIT = 10.0
 
 T = TypeVar("T")
 
@@ -155,6 +157,7 @@ class StorageWorkerPlugin(WorkerPlugin):
             )
         registry.register(self.store_id, store, self._report_unreadable, self._lookup)
         worker.stream_handlers["storage-tokens"] = self._receive_tokens
+        worker.handlers["storage_flush"] = self.flush
         self.writer.on_stored = self._stored
         wrap = self.writer.wrap
         if self.settings.relief_threshold is not None:
@@ -195,8 +198,13 @@ class StorageWorkerPlugin(WorkerPlugin):
     async def teardown(self, worker: Worker) -> None:
         worker.metrics.pop(HEARTBEAT_KEY, None)
         worker.stream_handlers.pop("storage-tokens", None)
+        worker.handlers.pop("storage_flush", None)
         if self.writer is not None:
             self.writer.closed = True
+            # Write-behind: results reported but not stored yet are stored now, while
+            # the scheduler can still hear of them (the stream closes after plugins).
+            if not await self.writer.flush(FLUSH_WAIT):
+                logger.warning("Worker %s closed with results still being written", worker.address)
         if self._original_execute is not None:
             _compat.restore_execute(worker, self._original_execute)
             self._original_execute = None
@@ -255,6 +263,11 @@ class StorageWorkerPlugin(WorkerPlugin):
             "the same store (a shared directory or bucket), or its own path to it with "
             "dask worker --preload storage_scheduler --storage-url URL"
         )
+
+    async def flush(self) -> bool:
+        """Wait for the writes running in the background (RPC, before the scheduler
+        closes); False if some still run after ``FLUSH_WAIT``."""
+        return True if self.writer is None else await self.writer.flush(FLUSH_WAIT)
 
     def _receive_tokens(
         self, tokens: dict[Any, str], costs: dict[Any, float] | None = None

@@ -1,12 +1,25 @@
-"""The write path: every finished result goes to the store before it is reported.
+"""The write path: every finished result goes to the store, before or after it is reported.
 
-``worker.execute`` is wrapped (see :func:`storage_scheduler._compat.wrap_execute`): after a
-successful run, the result is serialized and written off the event loop, and the report
-carries :class:`~storage_scheduler._protocol.StoredResult` metadata, from which the
-scheduler adds the lane replica in the same transition that puts the key in memory — a
-result is never "finished but not yet stored". While the write runs, the task gives its
-thread slot back, as a task that calls ``distributed.secede`` does, so the next task
-computes meanwhile.
+``worker.execute`` is wrapped (see :func:`storage_scheduler._compat.wrap_execute`). After
+a successful run the result is serialized and written off the event loop, in one of two
+durability modes (``storage-scheduler.durability``):
+
+* ``write-through``: the report waits for the write and carries
+  :class:`~storage_scheduler._protocol.StoredResult` metadata, from which the scheduler
+  adds the lane replica in the same transition that puts the key in memory: a result is
+  never "finished but not yet stored". While the write runs, the task gives its thread
+  slot back, as a task that calls ``distributed.secede`` does, so that the next task
+  computes meanwhile.
+* ``write-behind``: the task is reported at once, its result in worker memory as in
+  stock Dask (peers serve it); the write runs in the background and, once it lands, the
+  ``storage_stored`` RPC tells the scheduler to add the lane replica (results that land
+  meanwhile go in the same call).
+
+Either way, results awaiting upload are bounded per worker by a :class:`WriteBudget`
+(``write-buffer`` bytes, and ``max-concurrency`` results): many writes are in flight, so
+that a store's latency is paid once per batch rather than once per task, and a worker
+lost mid-run loses at most that many unstored results. A result that does not fit waits
+for room, holding its task's thread slot.
 
 A failure to serialize or store a result never fails the task: the result stays in
 worker memory as in stock Dask, a warning is logged once, and the failure is counted.
@@ -14,6 +27,7 @@ worker memory as in stock Dask, a warning is logged once, and the failure is cou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -34,7 +48,7 @@ from storage_scheduler.worker.reader import is_loader, loader_token
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["ResultWriter", "WriterStats"]
+__all__ = ["ResultWriter", "WriteBudget", "WriterStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +69,54 @@ class WriterStats:
     write_failures: int = 0
     #: Writes running after their task gave its thread slot back.
     writes_detached: int = 0
+    #: Results reported before their write landed (write-behind), not yet stored.
+    writes_behind: int = 0
     #: Results not stored, by reason (see ``Heartbeat.not_stored_by_reason``).
     not_stored_by_reason: Counter[str] = field(default_factory=Counter)
 
     def skipped(self, reason: str) -> None:
         self.not_stored += 1
         self.not_stored_by_reason[reason] += 1
+
+
+class WriteBudget:
+    """Results awaiting upload on one worker: at most ``max_bytes`` (as Dask sizes them)
+    and ``max_count`` results. One result is always let in, however large.
+
+    Notes
+    -----
+    Used on the worker's event loop only.
+    """
+
+    def __init__(self, max_bytes: int, max_count: int):
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.bytes = 0
+        self.count = 0
+        #: Set whenever room is given back (created on first wait: on the running loop).
+        self._room: asyncio.Event | None = None
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve room for a result of ``nbytes``, if there is room now."""
+        if self.count and (self.count >= self.max_count or self.bytes + nbytes > self.max_bytes):
+            return False
+        self.count += 1
+        self.bytes += nbytes
+        return True
+
+    async def wait_take(self, nbytes: int) -> None:
+        """Reserve room for a result of ``nbytes``, waiting for it."""
+        while not self.take(nbytes):
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            await self._room.wait()
+
+    def give(self, nbytes: int) -> None:
+        self.count -= 1
+        self.bytes -= nbytes
+        if self._room is not None:
+            self._room.set()
 
 
 class ResultWriter:
@@ -86,6 +142,14 @@ class ResultWriter:
     _skip_until: float
     #: Error types already logged.
     _warned: set[str]
+    #: Results awaiting upload.
+    budget: WriteBudget
+    #: Writes running in the background (write-behind), to wait for at teardown.
+    _behind: set[asyncio.Task[None]]
+    #: Landed writes the scheduler is still to hear of, each with what to resolve then.
+    _landed: list[tuple[dict[str, Any], asyncio.Future[None]]]
+    #: The task sending them, while one runs.
+    _notifier: asyncio.Task[None] | None
 
     def __init__(self, worker: Worker, store: Store, settings: WorkerSettings):
         self.worker = worker
@@ -97,6 +161,10 @@ class ResultWriter:
         self.policy = None
         self._skip_until = 0.0
         self._warned = set()
+        self.budget = WriteBudget(settings.write_buffer, store.settings.max_concurrency)
+        self._behind = set()
+        self._landed = []
+        self._notifier = None
 
     def wrap(self, original: _compat.Execute) -> _compat.Execute:
         async def execute(key: Any, *, stimulus_id: str) -> StateMachineEvent:
@@ -105,12 +173,23 @@ class ResultWriter:
                 # Nothing may escape from here: an exception would leave the task
                 # executing forever in the worker state machine.
                 try:
-                    await self.store_result(key, event)
-                except Exception as e:  # pragma: no cover - store_result catches its own
+                    if self.settings.durability == "write-behind":
+                        await self.store_behind(key, event)
+                    else:
+                        await self.store_result(key, event)
+                except Exception as e:  # pragma: no cover - both catch their own
                     logger.exception("Storing the result of %r failed unexpectedly: %s", key, e)
             return event
 
         return execute
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the writes running in the background; False if some still run."""
+        pending = list(self._behind)
+        if not pending:
+            return True
+        _, running = await asyncio.wait(pending, timeout=timeout)
+        return not running
 
     def _wants_stored(self, key: Any) -> bool:
         if not self.settings.write or _compat.is_finalize_key(key):
@@ -127,29 +206,33 @@ class ResultWriter:
             return False
         return True
 
-    async def store_result(self, key: Any, event: ExecuteSuccessEvent) -> None:
+    def _to_write(self, key: Any, event: ExecuteSuccessEvent) -> Any:
+        """The worker's task of ``key`` if its result is to be written now, else None
+        (a loader's result is marked as already stored)."""
         if self.closed or not self._wants_stored(key):
-            return
+            return None
         if time.monotonic() < self._skip_until:
             self.stats.skipped("store-down")
-            return
+            return None
         ts = _compat.worker_task(self.worker, key)
         if ts is None:
-            return
-        metadata = _compat.finished_metadata(ts)
+            return None
         if is_loader(ts.run_spec):
             # Read back from the store: already there. Only tell the scheduler.
             loaded = loader_token(ts.run_spec)
-            metadata[METADATA_KEY] = (
+            _compat.finished_metadata(ts)[METADATA_KEY] = (
                 StoredResult(loaded=True, token=loaded) if loaded else StoredResult(loaded=True)
             )
             if self.on_stored is not None:
                 self.on_stored(key, loaded)
-            return
+            return None
         if self._not_worth_storing(ts, event):
-            return
+            return None
+        return ts
+
+    async def _write(self, key: Any, value: object, ts: Any) -> StoredResult | None:
+        """Write ``value``; its metadata, or None if the write failed."""
         spec, annotations, version = ts.run_spec, ts.annotations, self.settings.version
-        detached = self._release_thread_slot(ts, event)
         try:
             # Shows in Dask's fine performance metrics as execute / <prefix> / store-write.
             with context_meter.meter("store-write", "seconds"):
@@ -160,22 +243,19 @@ class ResultWriter:
                     return tokens[0]
 
                 created = time.time()
-                nbytes = await self.store.put(key, event.value, token=token, created=created)
+                nbytes = await self.store.put(key, value, token=token, created=created)
         except Exception as e:
             self._write_failed(key, e)
-            return
-        finally:
-            if detached:
-                self.stats.writes_detached -= 1
+            return None
         context_meter.digest_metric("store-write", 1, "count")
         context_meter.digest_metric("store-write", nbytes, "bytes")
-        metadata[METADATA_KEY] = StoredResult(nbytes=nbytes, token=tokens[0], created=created)
         if self.on_stored is not None:
             self.on_stored(key, tokens[0])
         self.stats.stored += 1
         if self._skip_until:
             self._skip_until = 0.0
             logger.warning("The store %s is writable again", self.store)
+        return StoredResult(nbytes=nbytes, token=tokens[0], created=created)
 
     def _not_worth_storing(self, ts: Any, event: ExecuteSuccessEvent) -> bool:
         """Leave the result unstored if the policy says so, and tell the scheduler first
@@ -196,20 +276,85 @@ class ResultWriter:
         self.worker.batched_send({"op": "storage-skipped", "key": ts.key, "cost": cost})
         return True
 
-    def _release_thread_slot(self, ts: Any, event: ExecuteSuccessEvent) -> bool:
-        """Let the next task compute while this result is written.
-
-        At most as many writes as threads run detached: a store slower than the
-        computation holds slots again instead of piling up results in memory.
-        """
-        if self.stats.writes_detached >= self.worker.state.nthreads:
-            return False
-        released = _compat.release_thread_slot(
+    async def store_result(self, key: Any, event: ExecuteSuccessEvent) -> None:
+        """Write-through: write, then report with the write's metadata."""
+        ts = self._to_write(key, event)
+        if ts is None:
+            return
+        metadata = _compat.finished_metadata(ts)
+        size = max(event.nbytes or 0, 1)
+        # Waits for room holding the thread slot: a store slower than the computation
+        # slows the computation instead of piling up results. Once in, the slot goes to
+        # the next task while this result is written.
+        await self.budget.wait_take(size)
+        detached = _compat.release_thread_slot(
             self.worker, ts, event.stop - event.start, f"storage-write-{time.time()}"
         )
-        if released:
+        if detached:
             self.stats.writes_detached += 1
-        return released
+        try:
+            stored = await self._write(key, event.value, ts)
+        finally:
+            self.budget.give(size)
+            if detached:
+                self.stats.writes_detached -= 1
+        if stored is not None:
+            metadata[METADATA_KEY] = stored
+
+    async def store_behind(self, key: Any, event: ExecuteSuccessEvent) -> None:
+        """Write-behind: report now, write in the background, then tell the scheduler.
+
+        Waits (holding the task's thread slot) until the result fits in the budget.
+        """
+        ts = self._to_write(key, event)
+        if ts is None:
+            return
+        size = max(event.nbytes or 0, 1)
+        await self.budget.wait_take(size)
+        self.stats.writes_behind += 1
+        task = asyncio.ensure_future(self._write_behind(key, event.value, ts, event.run_id, size))
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
+
+    async def _write_behind(self, key: Any, value: object, ts: Any, run_id: int, size: int) -> None:
+        try:
+            stored = await self._write(key, value, ts)
+            if stored is not None:
+                # The run tells the scheduler which computation of the key this result
+                # is: a key released or recomputed since gets no lane replica from it.
+                await self._notify({"key": key, "run_id": run_id, "stored": stored})
+        finally:
+            # Only once the scheduler knows: a worker lost now loses no stored result
+            # the scheduler has not heard of beyond what the budget holds.
+            self.budget.give(size)
+            self.stats.writes_behind -= 1
+
+    async def _notify(self, record: dict[str, Any]) -> None:
+        """Tell the scheduler that a result landed; return once it has recorded it.
+
+        Results that land while a notification is under way go together in the next one.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._landed.append((record, done))
+        if self._notifier is None:
+            self._notifier = asyncio.ensure_future(self._send_landed())
+        await done
+
+    async def _send_landed(self) -> None:
+        try:
+            while self._landed:
+                batch, self._landed = self._landed, []
+                try:
+                    await self.worker.scheduler.storage_stored(
+                        records=[r for r, _ in batch], worker=self.worker.address
+                    )
+                except Exception as e:  # the scheduler is gone: nobody to tell
+                    logger.debug("Cannot report %d stored results: %s", len(batch), e)
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._notifier = None
 
     def _write_failed(self, key: Any, error: Exception) -> None:
         self.stats.write_failures += 1
