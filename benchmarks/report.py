@@ -48,7 +48,7 @@ HEADLINES: dict[
     str, tuple[str, Callable[[dict[str, Any]], float], Callable[[float], str], float, bool]
 ] = {
     "transfer": ("throughput, end to end", lambda r: r["throughput"], mb_s, 1.0, False),
-    "overhead": ("wall time", lambda r: r["wall_seconds"], secs, 1.10, True),
+    "overhead": ("wall time", lambda r: r["wall_seconds"], secs, 1.05, True),
     "scale": (
         "scheduler CPU per task",
         lambda r: r["scheduler_cpu_per_task_us"],

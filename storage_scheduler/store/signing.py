@@ -51,7 +51,8 @@ def object_mac(key: bytes, parts: Iterable[Buffer]) -> bytes:
     """Keyed BLAKE3 of the concatenation of ``parts`` (with a key derived from ``key``)."""
     h = blake3.blake3(key=_object_key(key))
     for part in parts:
-        h.update(part)
+        # As bytes: blake3 takes only byte-formatted buffers (a float64 array's is not).
+        h.update(part if isinstance(part, bytes) else memoryview(part).cast("B"))
     return h.digest()
 
 
