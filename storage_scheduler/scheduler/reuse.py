@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -294,13 +295,12 @@ class Reuse:
         if not len(self.catalog):
             return {}
         memo: dict[Any, str] = {}
+        token: Callable[[PlannedTask], str] = self.tokens.own  # each key is planned once
+        if self.tokens.lineage:
+            token = partial(self.tokens.wanted, memo=memo)
         with _gc_paused():
             plan = plan_reuse(
-                keys,
-                self.scheduler.tasks,
-                self.catalog.versions,
-                lambda ts: self.tokens.wanted(ts, memo),
-                self.tokens.compared,
+                keys, self.scheduler.tasks, self.catalog.versions, token, self.tokens.compared
             )
             # Stale results (other code's) stay: they are other versions, other objects.
             if plan and self.apply(plan):
