@@ -12,22 +12,23 @@ import numpy as np
 import pytest
 
 import dask
-from distributed import Client, LocalCluster, wait
+from distributed import Client, wait
 from distributed.utils_test import gen_test
 
 from storage_scheduler import Store
 from tests.conftest import make_bucket, s3_options
 from tests.s3server import MotoServer
-from tests.utils import async_poll_until, consume, lane_keys, produce, runs, stored_value
+from tests.utils import (
+    async_poll_until,
+    consume,
+    lane_keys,
+    process_cluster,
+    produce,
+    runs,
+    stored_value,
+)
 
 pytestmark = [pytest.mark.slow]
-
-
-def preload_kwargs(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    argv = ["--storage-url", url]
-    for k, v in options.items():
-        argv += ["--storage-option", f"{k}={v}"]
-    return {"preload": ["storage_scheduler"], "preload_argv": argv}
 
 
 async def lanes_hold(c: Client, futures: list[Any], timeout: float = 30) -> None:
@@ -56,17 +57,7 @@ async def _sigkill_worker_mid_run(backend: tuple[str, dict[str, Any]], tmp_path:
     url, options = backend
     marks = tmp_path / "runs"
     marks.mkdir()
-    async with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            asynchronous=True,
-            dashboard_address=":0",
-            scheduler_kwargs=preload_kwargs(url, options),
-        ) as cluster,
-        Client(cluster, asynchronous=True) as c,
-    ):
+    async with process_cluster(url, options) as (cluster, c):
         a, b = sorted(cluster.scheduler.workers)
         producers = [
             c.submit(
@@ -107,17 +98,7 @@ async def _store_stopped_mid_run(tmp_path: Path) -> None:
     marks.mkdir()
     with MotoServer() as server:
         url = f"s3://{make_bucket(server.endpoint)}/results"
-        async with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                asynchronous=True,
-                dashboard_address=":0",
-                scheduler_kwargs=preload_kwargs(url, s3_options(server.endpoint)),
-            ) as cluster,
-            Client(cluster, asynchronous=True) as c,
-        ):
+        async with process_cluster(url, s3_options(server.endpoint)) as (cluster, c):
             a, b = sorted(cluster.scheduler.workers)
             first = [
                 c.submit(produce, i, str(marks), key=f"produce-{i}", workers=[a]) for i in range(4)

@@ -19,12 +19,10 @@ import pytest
 
 import dask
 from dask import delayed
-from distributed import Client, LocalCluster
 
 from tests.conftest import make_bucket, s3_options
 from tests.latency_proxy import LatencyProxy
-from tests.test_integration import preload_kwargs
-from tests.utils import record_run, runs
+from tests.utils import process_cluster, record_run, runs
 
 pytestmark = [pytest.mark.slow]
 
@@ -63,17 +61,7 @@ def test_sigkill_worker_at_latency(s3_endpoint: str, tmp_path: Path, durability:
         url = f"s3://{make_bucket(proxy.endpoint)}/results"
 
         async def main() -> tuple[int, int]:
-            async with (
-                LocalCluster(
-                    n_workers=2,
-                    threads_per_worker=1,
-                    processes=True,
-                    asynchronous=True,
-                    dashboard_address=":0",
-                    scheduler_kwargs=preload_kwargs(url, s3_options(proxy.endpoint)),
-                ) as cluster,
-                Client(cluster, asynchronous=True) as c,
-            ):
+            async with process_cluster(url, s3_options(proxy.endpoint)) as (cluster, c):
                 victim = sorted(cluster.scheduler.workers)[0]
                 threads = cluster.scheduler.workers[victim].nthreads
                 pid = (await c.run(os.getpid, workers=[victim]))[victim]

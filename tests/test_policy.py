@@ -15,18 +15,17 @@ import pytest
 
 import dask
 from dask import delayed
-from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster, gen_test
 
 from storage_scheduler import Store
 from storage_scheduler.scheduler.skipped import PIN_CLIENT
 from storage_scheduler.store import StoreCounters
 from storage_scheduler.worker.policy import StoragePolicy, Throughput
-from tests.test_integration import preload_kwargs
 from tests.utils import (
     async_poll_until,
     enable_storage,
     lane_keys,
+    process_cluster,
     record_run,
     runs,
     storage_cluster,
@@ -170,17 +169,7 @@ async def test_skipped_slice_recomputed_after_sigkill(tmp_path: Path) -> None:
     marks = tmp_path / "runs"
     marks.mkdir()
     with dask.config.set(POLICY):
-        async with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                asynchronous=True,
-                dashboard_address=":0",
-                scheduler_kwargs=preload_kwargs(url, {}),
-            ) as cluster,
-            Client(cluster, asynchronous=True) as c,
-        ):
+        async with process_cluster(url) as (cluster, c):
             s = cluster.scheduler
             a, b = sorted(s.workers)
             with dask.annotate(workers=[a], allow_other_workers=True):

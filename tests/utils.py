@@ -119,6 +119,36 @@ def consume(x: Any, directory: str, i: int, delay: float = 0.0) -> float:
     return float(x.sum())
 
 
+def preload_kwargs(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``scheduler_kwargs`` of a cluster whose scheduler preloads storage on ``url``."""
+    argv = ["--storage-url", url]
+    for k, v in options.items():
+        argv += ["--storage-option", f"{k}={v}"]
+    return {"preload": ["storage_scheduler"], "preload_argv": argv}
+
+
+@contextlib.asynccontextmanager
+async def process_cluster(
+    url: str, options: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Any, Any]]:
+    """Two worker processes (one thread each) and an asynchronous client; the scheduler
+    preloads storage on ``url``. Yields ``(cluster, client)``."""
+    from distributed import Client, LocalCluster
+
+    async with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            asynchronous=True,
+            dashboard_address=":0",
+            scheduler_kwargs=preload_kwargs(url, options or {}),
+        ) as cluster,
+        Client(cluster, asynchronous=True) as c,
+    ):
+        yield cluster, c
+
+
 @contextlib.asynccontextmanager
 async def storage_cluster(
     url: str, n_workers: int = 2, **plugin_kwargs: Any
