@@ -34,17 +34,17 @@ from tests.utils import (
 POLICY = {"storage-scheduler.policy": "worth-storing"}
 
 
-def expensive(directory: str) -> np.ndarray:
+def expensive(directory: str, n: int = 100_000) -> np.ndarray:
     """A stored input: costs more to compute than to write."""
     record_run(directory, "x")
     time.sleep(0.3)
-    return np.arange(100_000, dtype="f8")
+    return np.arange(n, dtype="f8")
 
 
-def head(x: np.ndarray, directory: str) -> np.ndarray:
+def head(x: np.ndarray, directory: str, n: int = 10) -> np.ndarray:
     """A cheap slice of its input (a getitem)."""
     record_run(directory, "y")
-    return x[:10]
+    return x[:n].copy()
 
 
 def total(y: np.ndarray, *gates: Any) -> float:
@@ -56,9 +56,9 @@ def gate(delay: float) -> int:
     return 0
 
 
-def graph(marks: Path) -> tuple[Any, Any]:
-    x = delayed(expensive)(str(marks), dask_key_name="x")
-    y = delayed(head)(x, str(marks), dask_key_name="y")
+def graph(marks: Path, n: int = 10) -> tuple[Any, Any]:
+    x = delayed(expensive)(str(marks), max(100_000, 2 * n), dask_key_name="x")
+    y = delayed(head)(x, str(marks), n, dask_key_name="y")
     return x, y
 
 
@@ -168,12 +168,15 @@ async def test_skipped_slice_recomputed_after_sigkill(tmp_path: Path) -> None:
     url = f"file://{tmp_path / 'store'}"
     marks = tmp_path / "runs"
     marks.mkdir()
+    # A 4 MB slice: tens of milliseconds to write and read back, against about one to
+    # copy, so the decision holds on a freshly restarted, busy worker too.
+    n = 500_000
     with dask.config.set(POLICY):
         async with process_cluster(url) as (cluster, c):
             s = cluster.scheduler
             a, b = sorted(s.workers)
             with dask.annotate(workers=[a], allow_other_workers=True):
-                x, y = graph(marks)
+                x, y = graph(marks, n)
             with dask.annotate(workers=[b], allow_other_workers=True):
                 late = delayed(gate)(4.0, dask_key_name="gate")
                 z = delayed(total)(y, late, dask_key_name="z")
@@ -184,7 +187,7 @@ async def test_skipped_slice_recomputed_after_sigkill(tmp_path: Path) -> None:
             assert lane_keys(who_has) == {"x"}, who_has
             pid = (await c.run(os.getpid, workers=[a]))[a]
             os.kill(pid, signal.SIGKILL)
-            assert await asyncio.wait_for(future, 120) == 45.0
+            assert await asyncio.wait_for(future, 120) == n * (n - 1) / 2
             # y was computed again, from x as the store holds it: x ran once.
             assert runs(marks) == {"x": 1, "y": 2}
             store = Store.from_url(url)

@@ -86,6 +86,15 @@ HANDLERS = (
 )
 
 
+def _failures(responses: dict[str, Any]) -> dict[str, str]:
+    """The workers that did not install a plugin, and why."""
+    return {
+        addr: repr(r) if isinstance(r, BaseException) else (r.get("exception_text") or str(r))
+        for addr, r in responses.items()
+        if isinstance(r, BaseException) or r.get("status") != "OK"
+    }
+
+
 class StorageSchedulerPlugin(SchedulerPlugin):
     """Scheduler half of storage_scheduler; pushes the worker half to every worker.
 
@@ -213,12 +222,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             PLUGIN_NAME,
             dumps(plugin),  # type: ignore[no-untyped-call]
         )
-        failed = {
-            addr: repr(r) if isinstance(r, BaseException) else (r.get("exception_text") or str(r))
-            for addr, r in responses.items()
-            if isinstance(r, BaseException) or r.get("status") != "OK"
-        }
-        if failed:
+        if failed := _failures(responses):
             details = "; ".join(f"{addr}: {text}" for addr, text in sorted(failed.items()))
             raise StorageSchedulerError(
                 f"storage_scheduler could not start on {len(failed)} worker(s) with store "
@@ -295,6 +299,12 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         elif start == "memory" and finish == "released":
             self.retention.released(key)
 
+    def log_event(self, topic: str, msg: Any) -> None:
+        # A stolen task goes to its thief outside any transition: the thief needs its
+        # inputs' tokens and costs too (queued right behind the task, in the same batch).
+        if topic == "stealing" and isinstance(msg, tuple) and msg[0] == "confirm":
+            self._send_tokens(msg[1])
+
     def _send_tokens(self, key: Any) -> None:
         """Tell the worker about to run ``key`` which objects its inputs in the store are,
         and the recompute costs of those stored nowhere (queued ahead of the task)."""
@@ -369,12 +379,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         forget_lost_replicas(self.scheduler, worker, keys, stimulus_id)
 
     def drop_unreadable(self, keys: list[Any], stimulus_id: str | None = None) -> None:
-        """Forget the lane replicas of keys whose objects are missing or damaged.
-
-        Only for a verdict on the objects (see :func:`~storage_scheduler.store.classify`),
-        never for a store that does not answer: that would recompute intact results, for
-        every cluster that shares the catalog. A key left with no holder is recomputed.
-        """
+        """Forget the lane replicas of keys whose objects are missing or damaged: only
+        for a verdict on the objects (see :func:`~storage_scheduler.store.classify`), never
+        for a store that does not answer, which would recompute intact results for every
+        cluster that shares the catalog. A key left with no holder is recomputed."""
         for key in keys:
             self.catalog.discard(key, self.lanes.tokens.get(key))
         self.counters.unreadable += self.lanes.forget_unreadable(keys, stimulus_id)
