@@ -126,8 +126,9 @@ def test_resume_after_crash(tmp_path: Path) -> None:
         assert c.compute(t).result() == sum(range(128))
     second = sum(runs(marks).values()) - done_at_kill
     # Only the unfinished tasks ran again, give or take those in flight at the kill
-    # (two threads) and those finished in the last catalog flush interval (20 ms here).
-    assert 255 - done_at_kill <= second <= 255 - done_at_kill + 8, (done_at_kill, second)
+    # (two threads) and those whose catalog flush had not landed yet (a 20 ms interval,
+    # plus the flush's own write on a loaded machine).
+    assert 255 - done_at_kill <= second <= 255 - done_at_kill + 16, (done_at_kill, second)
 
 
 SESSION = """
