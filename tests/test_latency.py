@@ -220,5 +220,6 @@ async def test_inputs_of_a_task_are_read_together(c: Any, s: Any, a: Any, b: Any
     finally:
         FAULTS.latency = 0.0
     assert FAULTS.calls["read"] >= 8  # from the store, not from worker a
-    # One after the other: 8 x 1 s; at once: 1 s.
-    assert elapsed < 3.0, elapsed
+    # At once: 3 s, the inputs read together, then out written through and gathered back
+    # from the store. One after the other: 8 s for the inputs alone.
+    assert elapsed < 5.0, elapsed
