@@ -84,6 +84,36 @@ async def test_thread_slot_is_free_while_a_result_is_written(c, s, a, tmp_path: 
     assert plugin.storage_info()["keys_in_lanes"] == 4
 
 
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_quick_writes_keep_the_thread_slot(c, s, a, tmp_path: Path) -> None:
+    """Small results bound for a local disk are written from the event loop, holding the
+    slot: handing it over would cost more (a state transition and a message to the
+    scheduler) than the write."""
+    await enable_storage(s, str(tmp_path / "store"))
+    futures = c.map(inc, range(40), key=[f"q-{i}" for i in range(40)])
+    assert await c.gather(futures) == list(range(1, 41))
+    store = a.plugins["storage-scheduler"].store
+    assert store.local and store.inline_max_bytes > 0
+    assert store.counters.objects_written == 40
+    seceded = [
+        f.key
+        for f in futures
+        if any(t[1:3] == ("executing", "long-running") for t in a.state.story(f.key))
+    ]
+    assert seceded == []
+    # Dask sizes an arbitrary object by the instance alone: not trusted to be small.
+    held = c.submit(Holder, 1 << 20, key="held")
+    assert len((await held).data) == 1 << 20
+    assert any(t[1:3] == ("executing", "long-running") for t in a.state.story("held"))
+
+
+class Holder:
+    """Holds bytes that ``sizeof`` does not see."""
+
+    def __init__(self, n: int):
+        self.data = bytes(n)
+
+
 @gen_cluster(client=True)
 async def test_lanes_are_not_workers(c, s, a, b, tmp_path: Path) -> None:
     plugin = await enable_storage(s, str(tmp_path / "store"), lanes=3)

@@ -290,6 +290,26 @@ async def test_large_local_objects_are_mapped(tmp_path: Any) -> None:
         store.close()
 
 
+async def test_small_local_objects_stay_on_the_loop(tmp_path: Any) -> None:
+    """Small objects on a local disk are written and read without the thread pool (it
+    starts no thread); a large one, or one whose size is not given, goes through it."""
+    store = Store.from_url(str(tmp_path))
+    try:
+        assert store.inline_max_bytes == 64 << 10
+        small = np.arange(1000)
+        await store.put("s", small, token="t", nbytes=small.nbytes)
+        np.testing.assert_array_equal(await store.get("s", "t"), small)
+        assert (await store.get_serialized("s", "t")).header
+        assert store._executor._threads == set()
+        await store.put("u", 1)  # no size: encoded in a thread
+        assert len(store._executor._threads) == 1
+        large = np.arange(2**14)  # 128 KiB
+        await store.put("l", large, nbytes=large.nbytes)
+        np.testing.assert_array_equal(await store.get("l"), large)
+    finally:
+        store.close()
+
+
 def _bases(a: Any) -> list[Any]:
     """The chain of objects a numpy array's memory comes from."""
     out = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import io
 import mmap
 import os
 import stat
@@ -50,6 +51,10 @@ T = TypeVar("T")
 
 #: Local objects at least this large are read by mapping them (where that is safe).
 MAP_MIN_BYTES = 2**20
+#: Objects up to this size go to a local disk from the calling event loop: on a busy
+#: worker, a trip to the thread pool (two hand-offs of the GIL, each of which can wait
+#: for a computing thread's switch interval) costs more than writing a small file.
+INLINE_MAX_BYTES = 64 << 10
 #: Filesystems whose mapped files stay readable until unmapped, whatever other processes
 #: do: local disks and memory. Not network filesystems, where a file deleted by another
 #: host makes its mapped pages fail (SIGBUS) once the kernel evicts them.
@@ -70,6 +75,8 @@ class Backend(abc.ABC):
     retries_itself: bool = False
     #: Whether large objects are read by mapping them (see :func:`_maps_safely`).
     map_reads: bool = False
+    #: Objects up to this size are written without leaving the calling loop (0: none).
+    inline_max_bytes: int = 0
 
     @abc.abstractmethod
     async def write(self, path: str, frames: Sequence[Buffer]) -> None:
@@ -118,29 +125,42 @@ class LocalBackend(Backend):
         self._fs = fs
         self._executor = executor
         self.map_reads = _maps_safely(root)
+        # Only on a local disk: a network filesystem that hangs would hang the loop.
+        self.inline_max_bytes = INLINE_MAX_BYTES if self.map_reads else 0
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def write(self, path: str, frames: Sequence[Buffer]) -> None:
-        await self._in_thread(_write_replacing, path, frames)
+        if sum(memoryview(f).nbytes for f in frames) <= self.inline_max_bytes:
+            _write_replacing(path, frames)
+        else:
+            await self._in_thread(_write_replacing, path, frames)
 
     async def read(self, path: str, end: int | None = None) -> Buffer:
-        return await self._in_thread(self._read, path, end)
+        if not self.inline_max_bytes:
+            return await self._in_thread(self._read, path, end)
+        with open(path, "rb") as f:  # on a local disk, quicker than a trip to the pool
+            size = os.fstat(f.fileno()).st_size
+            if size <= self.inline_max_bytes:
+                return self._read_open(f, size, end)
+            return await self._in_thread(self._read_open, f, size, end)
 
     def _read(self, path: str, end: int | None) -> memoryview:
+        with open(path, "rb") as f:
+            return self._read_open(f, os.fstat(f.fileno()).st_size, end)
+
+    def _read_open(self, f: io.BufferedReader, size: int, end: int | None) -> memoryview:
+        if end is None and self.map_reads and size >= MAP_MIN_BYTES:
+            # Map the page cache instead of copying it into fresh memory: several times
+            # faster for large objects. A private (copy-on-write) mapping keeps arrays
+            # built on it writeable; objects are replaced by rename and deleted by
+            # unlink, never rewritten in place, so the mapped file cannot change.
+            return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
         # readinto a writeable buffer: one copy from the page cache, and numpy arrays built
         # on it stay writeable (a bytes buffer would make distributed copy them again).
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if end is None and self.map_reads and size >= MAP_MIN_BYTES:
-                # Map the page cache instead of copying it into fresh memory: several times
-                # faster for large objects. A private (copy-on-write) mapping keeps arrays
-                # built on it writeable; objects are replaced by rename and deleted by
-                # unlink, never rewritten in place, so the mapped file cannot change.
-                return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
-            buf = _empty_buffer(size if end is None else min(size, end))
-            n = f.readinto(buf)
+        buf = _empty_buffer(size if end is None else min(size, end))
+        n = f.readinto(buf)
         return memoryview(buf)[:n]
 
     async def size(self, path: str) -> int | None:

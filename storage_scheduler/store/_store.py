@@ -137,6 +137,12 @@ class Store:
         return redact(str(self.fs.unstrip_protocol(path)), self.settings.url)
 
     @property
+    def inline_max_bytes(self) -> int:
+        """Objects up to this size are written and read without leaving the calling loop
+        (a local disk only; 0 elsewhere)."""
+        return self._backend.inline_max_bytes
+
+    @property
     def _map_reads(self) -> bool:
         """Whether large objects are read by mapping them (local directories only)."""
         return self._backend.map_reads
@@ -169,6 +175,7 @@ class Store:
         *,
         token: str | Callable[[], str] | None = None,
         created: float | None = None,
+        nbytes: int | None = None,
     ) -> int:
         """Store ``value`` as the result of ``key``; return the object's size in bytes.
 
@@ -176,15 +183,18 @@ class Store:
         whether it is still the result they want; results with different tokens are
         different objects. A callable is called in the thread pool (computing a token is
         CPU work). ``created`` (default: now) tells this write of the object apart from
-        any other.
+        any other. ``nbytes``, the value's size as Dask measures it, lets a small value
+        bound for a local disk be encoded and written without leaving the loop.
         """
         counters = self.counters
         counters.writes_in_flight += 1
         start = time.perf_counter()
         try:
-            known, frames = await self._in_thread(
-                _encode, key, value, token, self.settings, created
-            )
+            args = (key, value, token, self.settings, created)
+            if nbytes is not None and nbytes <= self.inline_max_bytes:
+                known, frames = _encode(*args)
+            else:
+                known, frames = await self._in_thread(_encode, *args)
             path = self.path(key, known)
             await self._retrying("write", path, lambda: self._write(path, frames))
         finally:
@@ -249,12 +259,16 @@ class Store:
                 raise MissingObjectError(
                     errno.ENOENT, f"no stored result for key {key!r}", where
                 ) from e
-            # Verify and decode in one trip to the thread pool: both are CPU work.
+            # Verify and decode in one trip to the thread pool: both are CPU work, except
+            # for an object small enough to have been read without leaving the loop.
             keys = self.settings.signing_keys
             try:
-                out = await self._in_thread(
-                    lambda: then(*serialize.verify(data, key, where, keys, token))
-                )
+                if len(data) <= self.inline_max_bytes:
+                    out = then(*serialize.verify(data, key, where, keys, token))
+                else:
+                    out = await self._in_thread(
+                        lambda: then(*serialize.verify(data, key, where, keys, token))
+                    )
             except UntrustedObjectError:
                 counters.objects_untrusted += 1
                 raise

@@ -9,7 +9,8 @@ durability modes (``storage-scheduler.durability``):
   adds the lane replica in the same transition that puts the key in memory: a result is
   never "finished but not yet stored". While the write runs, the task gives its thread
   slot back, as a task that calls ``distributed.secede`` does, so that the next task
-  computes meanwhile.
+  computes meanwhile; except for a small result bound for a local disk, written without
+  leaving the event loop (see :meth:`Store.put`) sooner than the slot changes hands.
 * ``write-behind``: the task is reported at once, its result in worker memory as in
   stock Dask (peers serve it); the write runs in the background and, once it lands, the
   ``storage_stored`` RPC tells the scheduler to add the lane replica (results that land
@@ -230,8 +231,11 @@ class ResultWriter:
             return None
         return ts
 
-    async def _write(self, key: Any, value: object, ts: Any) -> StoredResult | None:
-        """Write ``value``; its metadata, or None if the write failed."""
+    async def _write(
+        self, key: Any, value: object, ts: Any, size: int | None
+    ) -> StoredResult | None:
+        """Write ``value`` (of ``size`` bytes as Dask measures it); its metadata, or None
+        if the write failed."""
         spec, annotations, version = ts.run_spec, ts.annotations, self.settings.version
         try:
             # Shows in Dask's fine performance metrics as execute / <prefix> / store-write.
@@ -243,7 +247,7 @@ class ResultWriter:
                     return tokens[0]
 
                 created = time.time()
-                nbytes = await self.store.put(key, value, token=token, created=created)
+                nbytes = await self.store.put(key, value, token=token, created=created, nbytes=size)
         except Exception as e:
             self._write_failed(key, e)
             return None
@@ -285,15 +289,17 @@ class ResultWriter:
         size = max(event.nbytes or 0, 1)
         # Waits for room holding the thread slot: a store slower than the computation
         # slows the computation instead of piling up results. Once in, the slot goes to
-        # the next task while this result is written.
+        # the next task while this result is written, unless it is written at once.
         await self.budget.wait_take(size)
-        detached = _compat.release_thread_slot(
+        bound = _size_bound(event)
+        inline = bound is not None and bound <= self.store.inline_max_bytes
+        detached = not inline and _compat.release_thread_slot(
             self.worker, ts, event.stop - event.start, f"storage-write-{time.time()}"
         )
         if detached:
             self.stats.writes_detached += 1
         try:
-            stored = await self._write(key, event.value, ts)
+            stored = await self._write(key, event.value, ts, bound)
         finally:
             self.budget.give(size)
             if detached:
@@ -312,17 +318,17 @@ class ResultWriter:
         size = max(event.nbytes or 0, 1)
         await self.budget.wait_take(size)
         self.stats.writes_behind += 1
-        task = asyncio.ensure_future(self._write_behind(key, event.value, ts, event.run_id, size))
+        task = asyncio.ensure_future(self._write_behind(key, event, ts, size))
         self._behind.add(task)
         task.add_done_callback(self._behind.discard)
 
-    async def _write_behind(self, key: Any, value: object, ts: Any, run_id: int, size: int) -> None:
+    async def _write_behind(self, key: Any, event: ExecuteSuccessEvent, ts: Any, size: int) -> None:
         try:
-            stored = await self._write(key, value, ts)
+            stored = await self._write(key, event.value, ts, _size_bound(event))
             if stored is not None:
                 # The run tells the scheduler which computation of the key this result
                 # is: a key released or recomputed since gets no lane replica from it.
-                await self._notify({"key": key, "run_id": run_id, "stored": stored})
+                await self._notify({"key": key, "run_id": event.run_id, "stored": stored})
         finally:
             # Only once the scheduler knows: a worker lost now loses no stored result
             # the scheduler has not heard of beyond what the budget holds.
@@ -380,3 +386,20 @@ class ResultWriter:
                 error,
                 kind,
             )
+
+
+#: Types whose size as Dask measures it (``sizeof``) bounds their pickled size. Not
+#: arbitrary objects (``sys.getsizeof`` of an instance ignores what it refers to), nor
+#: containers of them.
+_EXACTLY_SIZED = (bytes, bytearray, memoryview, str, int, float, complex, bool, type(None))
+
+
+def _size_bound(event: ExecuteSuccessEvent) -> int | None:
+    """The size of the result, where it bounds what will be written; else None."""
+    value = event.value
+    if isinstance(value, _EXACTLY_SIZED):
+        return event.nbytes
+    dtype = getattr(value, "dtype", None)
+    if type(value).__module__ == "numpy" and getattr(dtype, "hasobject", True) is False:
+        return event.nbytes
+    return None
