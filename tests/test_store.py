@@ -273,7 +273,7 @@ async def test_large_local_objects_are_mapped(tmp_path: Any) -> None:
     unaffected by the object being overwritten or deleted afterwards."""
     store = Store.from_url(str(tmp_path))
     try:
-        assert store._map_reads  # /tmp is a local filesystem on the machines we test on
+        assert store._backend.map_reads  # /tmp is a local filesystem on the machines we test on
         x = np.arange(2**18)
         await store.put("k", x)
         got = await store.get("k")

@@ -1,7 +1,8 @@
 """An async key/value store of Dask task results over any fsspec filesystem.
 
 Every coroutine here may be awaited on an event loop without blocking it: CPU work
-(serializing, checksums, deserializing) runs in the store's own bounded thread pool, and
+(serializing, checksums, deserializing) runs in the store's own bounded thread pool
+(except for objects of up to 64 KiB on a local disk, quicker done than handed over), and
 I/O goes through a :class:`~storage_scheduler.store._backends.Backend` chosen once, when
 the store is opened. The :class:`Store` itself holds what does not depend on where the
 bytes live: object names and framing, verification, retries, error translation and
@@ -83,6 +84,8 @@ class Store:
     counters: StoreCounters
     #: Retries, and the state of an outage.
     _retrier: Retrier
+    #: Objects up to this size are written and read without leaving the calling loop.
+    inline_max_bytes: int
 
     def __init__(self, settings: StoreSettings):
         self.settings = settings
@@ -101,6 +104,7 @@ class Store:
             settings.max_concurrency, thread_name_prefix="storage-scheduler-io"
         )
         self._backend = open_backend(fs, self.root, self._executor, settings.max_concurrency)
+        self.inline_max_bytes = self._backend.inline_max_bytes
         self.counters = StoreCounters()
         # One retry layer: s3fs retries itself (and botocore under it), so only the
         # outage window applies on top of it.
@@ -136,17 +140,6 @@ class Store:
         """``path`` as a URL for messages (without credentials)."""
         return redact(str(self.fs.unstrip_protocol(path)), self.settings.url)
 
-    @property
-    def inline_max_bytes(self) -> int:
-        """Objects up to this size are written and read without leaving the calling loop
-        (a local disk only; 0 elsewhere)."""
-        return self._backend.inline_max_bytes
-
-    @property
-    def _map_reads(self) -> bool:
-        """Whether large objects are read by mapping them (local directories only)."""
-        return self._backend.map_reads
-
     # ------------------------------------------------------------------ plumbing
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -181,10 +174,9 @@ class Store:
 
         ``token`` records what produced the value, so that later readers can tell
         whether it is still the result they want; results with different tokens are
-        different objects. A callable is called in the thread pool (computing a token is
-        CPU work). ``created`` (default: now) tells this write of the object apart from
-        any other. ``nbytes``, the value's size as Dask measures it, lets a small value
-        bound for a local disk be encoded and written without leaving the loop.
+        different objects. A callable is called where the value is encoded. ``created``
+        (default: now) tells this write apart from any other. ``nbytes``, a bound on the
+        value's size, lets a small value be written without leaving the loop.
         """
         counters = self.counters
         counters.writes_in_flight += 1
@@ -262,13 +254,12 @@ class Store:
             # Verify and decode in one trip to the thread pool: both are CPU work, except
             # for an object small enough to have been read without leaving the loop.
             keys = self.settings.signing_keys
+            args = (data, key, where, keys, token)
             try:
                 if len(data) <= self.inline_max_bytes:
-                    out = then(*serialize.verify(data, key, where, keys, token))
+                    out = then(*serialize.verify(*args))
                 else:
-                    out = await self._in_thread(
-                        lambda: then(*serialize.verify(data, key, where, keys, token))
-                    )
+                    out = await self._in_thread(lambda: then(*serialize.verify(*args)))
             except UntrustedObjectError:
                 counters.objects_untrusted += 1
                 raise
