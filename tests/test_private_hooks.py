@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from typing import Any
 
 import pytest
@@ -193,6 +194,39 @@ async def test_graph_surgery_in_update_graph(c: Any, s: Scheduler, a: Worker, b:
         "detached": (0, False, True),
         "attached": (True, True),
     }
+
+
+@gen_cluster(client=True)
+async def test_graphs_are_watched_off_the_loop(c: Any, s: Scheduler, a: Worker, b: Worker) -> None:
+    """update_graph materializes graphs through the module-level _materialize_graph in
+    its offload thread, and the specs it returns become the tasks' run_specs."""
+    from dask import annotate, delayed
+
+    seen: dict[Any, Any] = {}
+    threads: set[int] = set()
+
+    def watcher(dsk: Any, annotations: Any) -> None:
+        threads.add(threading.get_ident())
+        seen.update(dsk)
+        seen["annotations"] = {k: dict(v) for k, v in annotations.items()}
+
+    unwatch = _compat.watch_graphs(watcher)
+    try:
+        with annotate(storage_version="v1"):
+            dep = delayed(inc)(1, dask_key_name="dep")
+        top = delayed(inc)(dep, dask_key_name="top")
+        future = c.compute(top, optimize_graph=False)
+        assert await future == 3
+        assert threads and threading.get_ident() not in threads
+        assert seen["annotations"]["storage_version"] == {"dep": "v1"}
+        # The specs watched are the very objects the scheduler runs.
+        await async_poll_for(lambda: "top" in s.tasks, 5)
+        assert s.tasks["top"].run_spec is seen["top"]
+    finally:
+        unwatch()
+    seen.clear()
+    assert await c.submit(inc, 5, key="after") == 6
+    assert "after" not in seen
 
 
 @gen_cluster(client=True)

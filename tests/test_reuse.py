@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -522,3 +523,38 @@ async def test_two_in_process_clusters_read_their_own_versions(tmp_path: Path) -
             )
         assert await c1.gather(f1) == "a" and await c2.gather(f2) == "b"
         assert p1.store_id != p2.store_id
+
+
+@gen_test(timeout=90)
+async def test_tokens_of_stored_keys_are_computed_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning on the event loop only compares tokens: the stored keys' tokens were
+    computed in the thread that materialized the graph."""
+    from storage_scheduler.scheduler import reuse
+
+    url = str(tmp_path / "store")
+    with dask.annotate(storage_version="v1"):
+        salted = delayed(version_a)(1, dask_key_name="salted")
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.compute(graph()) == sum(range(2, 22))
+        assert await c.compute(salted) == 2
+
+    loop_thread = threading.get_ident()
+    on_loop: list[Any] = []
+
+    def result_token(spec: Any, *args: Any) -> str:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(spec.key)
+        return original(spec, *args)
+
+    original = reuse.result_token
+    monkeypatch.setattr(reuse, "result_token", result_token)
+    CALLS.clear()
+    async with storage_cluster(url) as (c, s, plugin):
+        assert await c.compute(graph()) == sum(range(2, 22))
+        assert await c.compute(salted) == 2
+        assert plugin.reuse.reused_total == 2
+        assert not plugin.reuse.tokens._ahead  # nothing kept once planned
+    assert on_loop == []
+    assert CALLS == []

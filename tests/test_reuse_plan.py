@@ -8,9 +8,10 @@ from typing import Any
 
 from dask._task_spec import Task, TaskRef
 
+from storage_scheduler import Store
 from storage_scheduler._protocol import result_token
-from storage_scheduler.scheduler.reuse import ReusePlan, plan_reuse
-from storage_scheduler.store.catalog import Entry
+from storage_scheduler.scheduler.reuse import ReusePlan, TaskTokens, plan_reuse
+from storage_scheduler.store.catalog import Catalog, Entry
 
 
 def inc(x: int) -> int:
@@ -128,3 +129,33 @@ def test_deep_graph_does_not_recurse() -> None:
         tasks[i] = prev
     plan = plan_reuse([4999], tasks, catalog_of(tasks, 10), token)
     assert plan.in_memory == {10: 100}
+
+
+def test_tokens_computed_ahead_are_used_only_for_their_own_spec_and_version() -> None:
+    """A token computed as the graph was materialized stands in for the task's own only
+    when the task has that very spec and the storage_version it assumed."""
+    store = Store.from_url("memory://reuse-plan-ahead")
+    try:
+        catalog = Catalog(store)
+        dsk = {"a": Task("a", inc, 1), "b": Task("b", inc, 2)}
+        catalog.add("a", "whatever", 8)  # only stored keys are tokenized ahead
+        tokens = TaskTokens(None, False, catalog)
+        tokens.ahead(dsk, {"storage_version": {"a": "v1"}})
+        assert [spec for spec, *_ in tokens._ahead.values()] == [dsk["a"]]
+        v1 = FakeTask("a", dsk["a"], annotations={"storage_version": "v1"})
+        assert tokens.own(v1) == result_token(dsk["a"], None, {"storage_version": "v1"})
+        assert not tokens._ahead  # used once
+
+        # The computation's annotations gave the task another version: tokenized again.
+        tokens.ahead(dsk, {"storage_version": {"a": "v1"}})
+        v2 = FakeTask("a", dsk["a"], annotations={"storage_version": "v2"})
+        assert tokens.own(v2) == result_token(dsk["a"], None, {"storage_version": "v2"})
+        # An equal spec that is another object is tokenized on its own.
+        tokens.ahead(dsk, {})
+        other = FakeTask("a", Task("a", inc, 1))
+        assert tokens.own(other) == token(other)
+        assert len(tokens._ahead) == 1
+        tokens.forget_ahead(older_than=0.0)
+        assert not tokens._ahead
+    finally:
+        store.close()

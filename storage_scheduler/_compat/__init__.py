@@ -48,6 +48,7 @@ from storage_scheduler._compat.dashboard import (
     dashboard_look,
     dashboard_menus,
 )
+from storage_scheduler._compat.graphs import watch_graphs
 from storage_scheduler._protocol import is_lane
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ __all__ = [
     "undo_put_in_memory",
     "unwant_keys",
     "want_keys",
+    "watch_graphs",
     "worker_task",
     "wrap_execute",
     "wrap_handler",

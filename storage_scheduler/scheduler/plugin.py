@@ -191,6 +191,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.retention.start(
             lambda: self.history.sample(self.counters.stored_bytes, scheduler.workers.values())
         )
+        self._unwatch_graphs = _compat.watch_graphs(tokens.ahead)  # tokens off the loop
         self.started = True
         try:
             await self._push_worker_plugin()
@@ -217,11 +218,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
             self.settings.worker,
             probe=(self.catalog.writer_id, self._nonce),
         )
-        responses = await _compat.broadcast_worker_plugin(
-            self.scheduler,
-            PLUGIN_NAME,
-            dumps(plugin),  # type: ignore[no-untyped-call]
-        )
+        pickled = dumps(plugin)  # type: ignore[no-untyped-call]
+        responses = await _compat.broadcast_worker_plugin(self.scheduler, PLUGIN_NAME, pickled)
         if failed := _failures(responses):
             details = "; ".join(f"{addr}: {text}" for addr, text in sorted(failed.items()))
             raise StorageSchedulerError(
@@ -251,6 +249,7 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         if not self.started:
             return
         self.started = False
+        self._unwatch_graphs()
         await self.retention.stop()
         try:
             await self.retention.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 __all__ = ["PlannedTask", "Reuse", "ReusePlan", "TaskTokens", "mark_p2p_steps", "plan_reuse"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a token computed ahead waits for its graph to be planned: materializing and
+#: ordering a graph happen between the two.
+AHEAD_KEPT = 300.0
 
 
 class PlannedTask(Protocol):
@@ -157,9 +162,43 @@ class TaskTokens:
         self.lineage = lineage
         self.catalog = catalog
         self.held = held
+        #: Tokens computed ahead, by ``id`` of the spec: the spec (kept alive, so that its
+        #: id stays its own), the ``storage_version`` assumed, the token, and when.
+        self._ahead: dict[int, tuple[Any, Any, str, float]] = {}
 
     def own(self, ts: PlannedTask) -> str:
-        return result_token(ts.run_spec, self.version, ts.annotations)
+        spec, version = ts.run_spec, (ts.annotations or {}).get("storage_version")
+        ahead = self._ahead.pop(id(spec), None)
+        if ahead is not None and ahead[0] is spec and ahead[1] == version:
+            return ahead[2]
+        return result_token(spec, self.version, ts.annotations)
+
+    def ahead(self, dsk: Mapping[Any, Any], annotations: Mapping[str, Mapping[Any, Any]]) -> None:
+        """Compute the tokens of a new graph's stored keys before its tasks exist, in the
+        thread that materialized it (see :func:`storage_scheduler._compat.watch_graphs`):
+        planning on the event loop then only compares them.
+
+        The ``storage_version`` annotations known here are the graph's own; a task that
+        ends up with another (set for the whole computation) is tokenized again.
+        """
+        if not len(self.catalog):
+            return
+        versions, now = annotations.get("storage_version", {}), time.monotonic()
+        for key, spec in dsk.items():
+            if key in self.catalog:
+                version = versions.get(key)
+                salt = None if version is None else {"storage_version": version}
+                token = result_token(spec, self.version, salt)
+                self._ahead[id(spec)] = (spec, version, token, now)
+
+    def forget_ahead(self, older_than: float = AHEAD_KEPT) -> None:
+        """Drop tokens computed ahead for tasks never planned (graphs cancelled, culled,
+        or another scheduler's in this process)."""
+        if self._ahead:
+            cutoff = time.monotonic() - older_than
+            for spec_id, ahead in list(self._ahead.items()):
+                if ahead[3] < cutoff:
+                    self._ahead.pop(spec_id, None)
 
     def wanted(self, ts: PlannedTask, memo: dict[Any, str]) -> str:
         """The token a stored result of ``ts`` must carry to be reused (kept in ``memo``)."""
@@ -292,6 +331,7 @@ class Reuse:
     def on_update_graph(self, keys: Collection[Any]) -> dict[Any, str | None]:
         """Reuse what can be reused for a new graph; return the tokens of the stored
         results that stand in for tasks, by key."""
+        self.tokens.forget_ahead()
         if not len(self.catalog):
             return {}
         memo: dict[Any, str] = {}
