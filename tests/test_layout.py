@@ -16,12 +16,13 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 #: upward lazily, e.g. to find a plugin on a server). Listed bottom-up.
 ALLOWED: dict[str, set[str]] = {
     "_exceptions": set(),
+    "_threads": set(),
     "tokens": set(),
     "progress": set(),
     "config": {"_exceptions"},
     "_protocol": {"tokens"},
     "_compat": {"_protocol"},
-    "store": {"_exceptions", "config", "progress", "store"},
+    "store": {"_exceptions", "_threads", "config", "progress", "store"},
     "comm": {"_compat", "_protocol", "store"},
     "metrics": {"_compat", "_protocol", "store"},
     "dashboard": {"_compat", "_exceptions", "_protocol"},
@@ -36,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
         "worker",
     },
     "scheduler": {
-        *("_compat", "_exceptions", "_protocol", "comm", "config", "dashboard"),
+        *("_compat", "_exceptions", "_protocol", "_threads", "comm", "config", "dashboard"),
         *("metrics", "scheduler", "store", "tokens", "worker"),
     },
     "enable": {"_exceptions", "_protocol", "config", "scheduler"},

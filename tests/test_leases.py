@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 import uuid
 from pathlib import Path
@@ -135,6 +136,34 @@ class LoopMonitor:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         return self.longest
+
+
+@gen_test(timeout=120)
+async def test_lease_work_in_a_thread_lets_system_calls_on_the_loop_through(
+    tmp_path: Path,
+) -> None:
+    """While a thread lists and encodes many keys, a loop step that makes system calls
+    (as distributed's system monitor does, reading /proc) is not held up: the thread
+    hands the GIL back instead of keeping it for a 5 ms switch interval each time."""
+    store = Store.from_url(str(tmp_path / "store"))
+    try:
+        held = [("array-abc", i, i % 7) for i in range(600_000)]
+        gc.collect()
+        gc.disable()  # a full collection is another stall (see below)
+        longest = 0.0
+        publishing = asyncio.create_task(LeaseWriter(store, "big").publish([list(held)]))
+        while not publishing.done():
+            start, cpu = time.perf_counter(), time.process_time()
+            for _ in range(20):
+                os.stat(tmp_path)  # lets go of the GIL, then needs it back
+            step = min(time.perf_counter() - start, time.process_time() - cpu)
+            longest = max(longest, step)
+            await asyncio.sleep(0.005)
+        await publishing
+        assert longest < 0.05, f"20 system calls took {longest * 1000:.0f} ms"
+    finally:
+        gc.enable()
+        store.close()
 
 
 @gen_test(timeout=120)

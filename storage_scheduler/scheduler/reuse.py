@@ -33,6 +33,7 @@ from distributed.scheduler import TaskState
 
 from storage_scheduler import _compat
 from storage_scheduler._protocol import result_token
+from storage_scheduler._threads import in_slices
 from storage_scheduler.store.catalog import Catalog, Entry
 from storage_scheduler.tokens import task_token
 from storage_scheduler.worker.reader import load_stored
@@ -184,8 +185,9 @@ class TaskTokens:
         if not len(self.catalog):
             return
         versions, now = annotations.get("storage_version", {}), time.monotonic()
-        for key, spec in dsk.items():
-            if key in self.catalog:
+        stored = [(key, spec) for key, spec in dsk.items() if key in self.catalog]
+        for part in in_slices(stored, 64):  # ~10 us per token
+            for key, spec in part:
                 version = versions.get(key)
                 salt = None if version is None else {"storage_version": version}
                 token = result_token(spec, self.version, salt)

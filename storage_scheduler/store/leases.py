@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import numbers
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from storage_scheduler._exceptions import IntegrityError
+from storage_scheduler._threads import HAND_OVER, in_slices
 from storage_scheduler.store._store import Store
 from storage_scheduler.store.serialize import key_to_msgpack, msgpack_ext_hook
 
@@ -79,8 +80,8 @@ def _encode_part(keys: Sequence[Any]) -> bytes:
     # (instead of building a list per key) is ~10x faster and leaves the garbage
     # collector nothing to collect: a full collection holds the GIL (~300 ms for 1M keys).
     return b"".join(
-        msgpack.packb(list(keys[i : i + FRAME_KEYS]), use_bin_type=True, default=_key_part)
-        for i in range(0, len(keys), FRAME_KEYS)
+        msgpack.packb(list(frame), use_bin_type=True, default=_key_part)
+        for frame in in_slices(keys, FRAME_KEYS)
     )
 
 
@@ -92,6 +93,7 @@ def _decode_part(data: bytes) -> frozenset[Any]:
     keys: set[Any] = set()
     for frame in unpacker:
         keys.update(frame)
+        time.sleep(HAND_OVER)  # a frame at a time, as in_slices does
     return frozenset(keys)
 
 
@@ -231,8 +233,7 @@ class LeaseWriter:
             nheld = 0
             for snapshot in held:
                 nheld += len(snapshot)
-                for x in snapshot:
-                    key = x.key if self._tasks else x
+                for key in self._keys(snapshot):
                     bucket = listed[hash(key) & _BUCKET_MASK]
                     if key not in bucket:
                         bucket.add(key)
@@ -246,8 +247,7 @@ class LeaseWriter:
         old, self._listed = listed, [set() for _ in range(_BUCKETS)]
         keys: list[Any] = []
         for snapshot in held:
-            for x in snapshot:
-                key = x.key if self._tasks else x
+            for key in self._keys(snapshot):
                 bucket = self._listed[hash(key) & _BUCKET_MASK]
                 if key not in bucket:
                     bucket.add(key)
@@ -256,6 +256,10 @@ class LeaseWriter:
         while old:
             old.pop()  # one bucket at a time (see above)
         return keys, True
+
+    def _keys(self, snapshot: Sequence[Any]) -> Iterator[Any]:
+        for part in in_slices(snapshot):
+            yield from (x.key for x in part) if self._tasks else part
 
     async def close(self) -> None:
         """Withdraw the lease: this cluster protects nothing any more."""
