@@ -348,3 +348,32 @@ async def test_objects_written_elsewhere_after_a_listing_are_read(
     finally:
         reader.close()
         writer.close()
+
+
+@pytest.mark.parametrize("nbytes", [0, 3_000, 5_000_000])
+async def test_local_writes_are_whole_and_leave_no_partial_file(tmp_path: Any, nbytes: int) -> None:
+    """Objects on a local disk are written through file descriptors, every frame whole
+    (arrays of any shape, empty ones skipped), into a file renamed into place; a write
+    failing half-way leaves nothing behind."""
+    store = Store.from_url(str(tmp_path / "store"))
+    try:
+        values = [
+            np.arange(nbytes // 8, dtype="f8").reshape(-1, 1) if nbytes else np.empty(0),
+            {"frames": [b"", bytearray(b"x" * nbytes), memoryview(b"y" * 7)[2:]]},
+        ]
+        for i, value in enumerate(values):
+            await store.put(("v", i), value, token="t")
+        got = await store.get(("v", 0), "t")
+        np.testing.assert_array_equal(got, values[0])
+        assert await store.get(("v", 1), "t") == {
+            "frames": [b"", bytearray(b"x" * nbytes), b"yyyyy"]
+        }
+
+        target = tmp_path / "store" / "objects" / "failed"
+        with pytest.raises(TypeError):  # fails after the file was created
+            await store._backend.write(str(target), [b"abc", object()])  # type: ignore[list-item]
+        assert not target.exists()
+        names = [p.name for p in (tmp_path / "store").rglob("*")]
+        assert not [n for n in names if ".tmp-" in n]
+    finally:
+        store.close()
