@@ -209,7 +209,11 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 def _write_all(fd: int, frames: Sequence[Buffer]) -> None:
     """Write every byte of ``frames`` to ``fd``, resuming after short writes."""
-    views = [v.cast("B") for v in map(memoryview, frames) if v.nbytes]
+    views: list[memoryview] = []
+    for frame in frames:
+        view = memoryview(frame)
+        if view.nbytes:  # an empty view with a 0 in its shape cannot be cast
+            views.append(view.cast("B"))
     while views:
         if hasattr(os, "writev"):
             written = os.writev(fd, views[:_IOV_MAX])
