@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["in_slices"]
+__all__ = ["free_in_slices", "in_slices"]
 
 T = TypeVar("T")
 
@@ -31,3 +31,11 @@ def in_slices(items: Sequence[T], size: int = SLICE) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         time.sleep(HAND_OVER)
         yield items[i : i + size]
+
+
+def free_in_slices(items: list[Any], size: int = SLICE) -> None:
+    """Empty ``items``, a slice at a time: freeing a big list touches every object it
+    holds (~70 ms per million) in one call."""
+    while items:
+        del items[-size:]
+        time.sleep(HAND_OVER)

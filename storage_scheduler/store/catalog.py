@@ -24,21 +24,23 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
-
-import msgpack
 
 from storage_scheduler._exceptions import StoreError, UntrustedObjectError
 from storage_scheduler.progress import Tally
+from storage_scheduler.store._segments import (
+    ANY_VERSION,
+    Entry,
+    Versions,
+    decode_segment,
+    encode_segment,
+    encode_snapshot,
+    versions_of,
+)
 from storage_scheduler.store._store import Store
 from storage_scheduler.store.inventory import StoredObject, take_inventory
-from storage_scheduler.store.serialize import (
-    key_to_msgpack,
-    msgpack_ext_hook,
-    pack_key,
-    version_name,
-)
+from storage_scheduler.store.serialize import pack_key, version_name
 
 __all__ = ["Catalog", "Entry"]
 
@@ -49,72 +51,6 @@ MANIFEST = "manifest"
 QUARANTINE = "quarantine"
 #: More segments than this at start are compacted into one snapshot.
 COMPACT_AFTER = 16
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What the catalog knows of one stored result (one version of a key)."""
-
-    #: Token of the task that produced the result (see :mod:`storage_scheduler.tokens`);
-    #: with the key, it names the object.
-    token: str | None
-    #: Size of the stored object in bytes.
-    nbytes: int
-    #: When it was stored (seconds since the epoch): the time in its object's header,
-    #: which tells this write of the object apart from any other.
-    created: float
-    #: A client asked for it (or it is annotated ``storage_keep``): no cluster's lifecycle
-    #: policy deletes it; only ``dask storage gc`` does.
-    kept: bool = False
-    #: With ``lineage: true``: the token of the result and of everything upstream of it.
-    lineage: str | None = None
-
-
-#: The versions of one key: one Entry (nearly always), or several.
-Versions = Entry | tuple[Entry, ...]
-
-
-def _versions(v: Versions | None) -> tuple[Entry, ...]:
-    if v is None:
-        return ()
-    return v if isinstance(v, tuple) else (v,)
-
-
-def _encode_segment(added: list[tuple[Any, Entry]], deleted: list[tuple[Any, str | None]]) -> bytes:
-    # Columns, not records: a million entries decode in one msgpack call.
-    return msgpack.packb(
-        {
-            "version": 2,
-            "keys": [key_to_msgpack(k) for k, _ in added],
-            "tokens": [e.token for _, e in added],
-            "nbytes": [e.nbytes for _, e in added],
-            "created": [e.created for _, e in added],
-            "kept": [e.kept for _, e in added],
-            "lineage": [e.lineage for _, e in added],
-            "deleted": [key_to_msgpack(k) for k, _ in deleted],
-            "deleted_tokens": [t for _, t in deleted],
-        },
-        use_bin_type=True,
-    )
-
-
-def _decode_segment(data: bytes) -> tuple[list[tuple[Any, Entry]], list[tuple[Any, Any]]]:
-    seg = msgpack.unpackb(data, raw=False, use_list=False, ext_hook=msgpack_ext_hook)
-    n = len(seg["keys"])
-    kept = seg.get("kept") or (False,) * n  # older segments lack the newer columns
-    lineage = seg.get("lineage") or (None,) * n
-    added = [
-        (k, Entry(t, int(nb), float(c), bool(kp), ln))
-        for k, t, nb, c, kp, ln in zip(
-            seg["keys"], seg["tokens"], seg["nbytes"], seg["created"], kept, lineage, strict=True
-        )
-    ]
-    # A version-1 segment deleted keys, not versions: ANY stands for every version.
-    tokens = seg.get("deleted_tokens") or (_ANY,) * len(seg["deleted"])
-    return added, list(zip(seg["deleted"], tokens, strict=True))
-
-
-_ANY = object()
 
 
 def _segment_time(name: str) -> float:
@@ -181,14 +117,14 @@ class Catalog:
 
     def versions(self, key: Any) -> tuple[Entry, ...]:
         """Every stored result of ``key``."""
-        return _versions(self.entries.get(key))
+        return versions_of(self.entries.get(key))
 
     def get(self, key: Any, token: str | None) -> Entry | None:
         """The stored result of ``key`` produced with ``token``, if any."""
         v = self.entries.get(key)
         if isinstance(v, Entry):
             return v if v.token == token else None
-        return next((e for e in _versions(v) if e.token == token), None)
+        return next((e for e in versions_of(v) if e.token == token), None)
 
     def items(self) -> Iterator[tuple[Any, Entry]]:
         """Every stored result, as (key, entry)."""
@@ -206,7 +142,7 @@ class Catalog:
             self.entries[key] = entry
             old = v
         else:
-            others = _versions(v)
+            others = versions_of(v)
             old = next((e for e in others if e.token == entry.token), None)
             self.entries[key] = (*(e for e in others if e.token != entry.token), entry)
         self.count += old is None
@@ -214,10 +150,10 @@ class Catalog:
         return old
 
     def _remove(self, key: Any, token: object) -> None:
-        """Forget the version ``token`` of ``key`` (every version for ``_ANY``)."""
-        versions = _versions(self.entries.get(key))
-        gone = [e for e in versions if token is _ANY or e.token == token]
-        left = tuple(e for e in versions if not (token is _ANY or e.token == token))
+        """Forget the version ``token`` of ``key`` (every version for ``ANY_VERSION``)."""
+        versions = versions_of(self.entries.get(key))
+        gone = [e for e in versions if token is ANY_VERSION or e.token == token]
+        left = tuple(e for e in versions if not (token is ANY_VERSION or e.token == token))
         if not gone:
             return
         if not left:
@@ -280,7 +216,7 @@ class Catalog:
         deleted = [kt for kt, e in pending.items() if e is None]
         name = self._segment_name()
         data = await asyncio.get_running_loop().run_in_executor(
-            None, _encode_segment, added, deleted
+            None, encode_segment, added, deleted
         )
         try:
             await self.store.write_file(name, data)
@@ -332,7 +268,7 @@ class Catalog:
         loop = asyncio.get_running_loop()
         for name, blob in found:
             try:
-                added, deleted = await loop.run_in_executor(None, _decode_segment, blob)
+                added, deleted = await loop.run_in_executor(None, decode_segment, blob)
             except Exception as e:  # quarantined by the next scheduler that starts
                 logger.warning("Skipping unreadable catalog segment %s: %s", name, e)
                 continue
@@ -346,7 +282,7 @@ class Catalog:
             for key, token in deleted:
                 # Not a result stored again after the deletion was recorded.
                 for entry in self.versions(key):
-                    if (token is _ANY or entry.token == token) and entry.created <= written:
+                    if (token is ANY_VERSION or entry.token == token) and entry.created <= written:
                         self._remove(key, entry.token)
             self._seen_segments.append(name)
         return len(found)
@@ -368,7 +304,7 @@ class Catalog:
         damaged = []
         for name, blob in zip(names, blobs, strict=True):
             try:
-                added, deleted = _decode_segment(blob)
+                added, deleted = decode_segment(blob)
             except Exception as e:
                 logger.warning("Skipping unreadable catalog segment %s: %s", name, e)
                 damaged.append(name)
@@ -384,8 +320,8 @@ class Catalog:
         old = list(self._seen_segments)
         await self.flush()
         name = self._segment_name()
-        snapshot = list(self.items())
-        data = await asyncio.get_running_loop().run_in_executor(None, _encode_segment, snapshot, [])
+        snapshot = self.entries.copy()  # one quick call: entries are never changed in place
+        data = await asyncio.get_running_loop().run_in_executor(None, encode_snapshot, snapshot)
         await self.store.write_file(name, data)
         await self.store.delete_files(old + [n for n in self._seen_segments if n not in old])
         self._seen_segments = [name]

@@ -86,6 +86,11 @@ def key_to_msgpack(key: object) -> Any:
     """A Dask key as msgpack-able data (tuples as arrays, big integers as an extension)."""
     if type(key) is tuple:
         return [key_to_msgpack(k) for k in key]
+    kind = type(key)  # the common cases first: checks against numbers' ABCs are slow
+    if kind is str or kind is bytes:
+        return key
+    if kind is int and -(2**63) <= key < 2**64:  # type: ignore[operator]
+        return key
     if isinstance(key, (str, bytes)):
         return key
     if isinstance(key, bool):
