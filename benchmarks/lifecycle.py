@@ -2,7 +2,8 @@
 
 * lease: the lanes hold ``--held`` keys (1M); times the first lease (every key listed),
   an update after ``--new`` keys more (incremental), a renewal, and reading the lease
-  as another cluster would (first read, then cached);
+  as another cluster would (first read, then cached); then compacting a catalog of as
+  many entries;
 * reuse: a catalog of ``--stored`` entries (100k) whose tokens match a graph of that many
   leaves under one reduction; times ``update_graph`` until reuse is planned.
 
@@ -118,6 +119,11 @@ async def leases(args: argparse.Namespace, url: str, rows: list[dict[str, Any]])
         reader = LeaseReader()
         await step(rows, s, "lease: read by another cluster", lambda: reader.leased(plugin.store))
         await step(rows, s, "lease: read again (cached)", lambda: reader.leased(plugin.store))
+        for i in range(args.held):
+            plugin.catalog.add(("leaf-0123456789abcdef", i), f"{i:032x}", 8)
+        await plugin.catalog.flush()
+        gc.collect()
+        await step(rows, s, f"catalog: compaction, {args.held:,} keys", plugin.catalog.compact)
 
 
 def leaf(i: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -171,5 +172,33 @@ async def test_signed_arrays_round_trip(tmp_path: Path) -> None:
         for value in (np.arange(1000, dtype="f8"), np.ones((3, 4), dtype="i2")):
             await signed.put("a", value, token=str(value.dtype))
             np.testing.assert_array_equal(await signed.get("a", str(value.dtype)), value)
+    finally:
+        signed.close()
+
+
+@pytest.mark.asyncio
+async def test_files_are_sealed_and_verified_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catalog segments and lease parts can be tens of megabytes: their MACs are
+    computed, and their bytes copied, in the store's thread pool, not on the loop."""
+    from storage_scheduler.store import signing
+
+    threads: list[int] = []
+
+    def spy(func: Any) -> Any:
+        def called(*args: Any) -> Any:
+            threads.append(threading.get_ident())
+            return func(*args)
+
+        return called
+
+    monkeypatch.setattr(signing, "mac", spy(signing.mac))  # sealing
+    monkeypatch.setattr(signing, "verify_mac", spy(signing.verify_mac))  # unsealing
+    signed = store(str(tmp_path / "store"), KEY)
+    try:
+        await signed.write_file("segment", b"x" * 100_000)
+        assert await signed.read_file("segment") == b"x" * 100_000
+        assert len(threads) == 2 and threading.get_ident() not in threads
     finally:
         signed.close()

@@ -20,7 +20,7 @@ import builtins
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -323,7 +323,7 @@ class Store:
         """Write (atomically, replacing) the file ``name`` under the store's root; signed
         when a signing key is configured."""
         path = f"{self.root}/{name}"
-        sealed = signing.seal(data, self.settings.signing_key)
+        sealed = await self._in_thread(signing.seal, data, self.settings.signing_key)  # a MAC
         await self._retrying("write", path, lambda: self._write(path, [sealed]))
 
     async def read_file(self, name: str) -> bytes:
@@ -335,8 +335,8 @@ class Store:
             If a signing key is configured and the file is not signed with it.
         """
         path = f"{self.root}/{name}"
-        data = bytes(await self._retrying("read", path, lambda: self._read(path)))
-        return signing.unseal(data, self.settings.signing_keys, self.where(path))
+        data = await self._retrying("read", path, lambda: self._read(path))
+        return await self._in_thread(_unseal, data, self.settings.signing_keys, self.where(path))
 
     async def list_files(self, prefix: str) -> builtins.list[str]:
         """Names (relative to the root) of the finished files under ``prefix``."""
@@ -353,6 +353,11 @@ class Store:
         from storage_scheduler.store.probe import check
 
         await check(self)
+
+
+def _unseal(data: serialize.Buffer, keys: Sequence[bytes], where: str) -> bytes:
+    """A file's data, verified (in the store's thread pool: files can be big)."""
+    return signing.unseal(bytes(data), keys, where)
 
 
 def _encode(
