@@ -36,6 +36,7 @@ from storage_scheduler._exceptions import (
 from storage_scheduler.config import StoreSettings, redact, redact_url
 from storage_scheduler.store import serialize, signing
 from storage_scheduler.store._backends import (
+    INLINE_MAX_BYTES,
     MAP_MIN_BYTES,
     Backend,
     LocalBackend,
@@ -323,7 +324,7 @@ class Store:
         """Write (atomically, replacing) the file ``name`` under the store's root; signed
         when a signing key is configured."""
         path = f"{self.root}/{name}"
-        sealed = await self._in_thread(signing.seal, data, self.settings.signing_key)  # a MAC
+        sealed = await _off_loop(signing.seal, data, self.settings.signing_key)
         await self._retrying("write", path, lambda: self._write(path, [sealed]))
 
     async def read_file(self, name: str) -> bytes:
@@ -336,7 +337,7 @@ class Store:
         """
         path = f"{self.root}/{name}"
         data = await self._retrying("read", path, lambda: self._read(path))
-        return await self._in_thread(_unseal, data, self.settings.signing_keys, self.where(path))
+        return await _off_loop(_unseal, data, self.settings.signing_keys, self.where(path))
 
     async def list_files(self, prefix: str) -> builtins.list[str]:
         """Names (relative to the root) of the finished files under ``prefix``."""
@@ -356,8 +357,16 @@ class Store:
 
 
 def _unseal(data: serialize.Buffer, keys: Sequence[bytes], where: str) -> bytes:
-    """A file's data, verified (in the store's thread pool: files can be big)."""
     return signing.unseal(bytes(data), keys, where)
+
+
+async def _off_loop(fn: Callable[..., T], data: serialize.Buffer, *args: Any) -> T:
+    """``fn(data, *args)``: a MAC over big files (catalog segments, lease parts: up to tens
+    of megabytes) in a thread, not on the loop. Not in the store's pool, whose threads a
+    slow store can keep busy: lease renewals must never wait for one."""
+    if memoryview(data).nbytes <= INLINE_MAX_BYTES:
+        return fn(data, *args)
+    return await asyncio.to_thread(fn, data, *args)
 
 
 def _encode(
