@@ -10,6 +10,7 @@ one call would hold the GIL, and the loop, for hundreds of milliseconds.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -73,42 +74,52 @@ def encode_segment(
     added: Sequence[tuple[Any, Entry]], deleted: Sequence[tuple[Any, str | None]]
 ) -> bytes:
     """A segment adding ``added`` (key, entry) and deleting ``deleted`` (key, token)."""
-    names = ["keys", "tokens", "nbytes", "created", "kept", "lineage"]
-    columns: dict[str, list[Any]] = {n: [] for n in [*names, "deleted", "deleted_tokens"]}
-    for part in in_slices(added, SLICE):
-        columns["tokens"] += [e.token for _, e in part]
-        columns["nbytes"] += [e.nbytes for _, e in part]
-        columns["created"] += [e.created for _, e in part]
-        columns["kept"] += [e.kept for _, e in part]
-        columns["lineage"] += [e.lineage for _, e in part]
-    for part in in_slices(added, KEY_SLICE):  # a few microseconds per key
-        columns["keys"] += [key_to_msgpack(k) for k, _ in part]
-    for gone in in_slices(deleted, KEY_SLICE):
-        columns["deleted"] += [key_to_msgpack(k) for k, _ in gone]
-        columns["deleted_tokens"] += [t for _, t in gone]
-    # msgpack.packb({"version": 2, **columns}, use_bin_type=True), a slice at a time.
-    packer = msgpack.Packer(use_bin_type=True)
-    out = [packer.pack_map_header(1 + len(columns)), packer.pack("version"), packer.pack(2)]
-    for name, column in columns.items():
-        out += [packer.pack(name), packer.pack_array_header(len(column))]
-        for part in in_slices(column, SLICE):
-            packed = packer.pack(list(part))
-            out.append(packed[len(packer.pack_array_header(len(part))) :])  # the items
-        free_in_slices(column)
-    return b"".join(out)
+    return _encode([k for k, _ in added], [e for _, e in added], deleted)
 
 
 def encode_snapshot(entries: Mapping[Any, Versions]) -> bytes:
     """A segment adding every version of ``entries`` (a copy nobody else changes)."""
-    added: list[tuple[Any, Entry]] = []
+    keys: list[Any] = []
+    versions: list[Entry] = []
     for i, (key, v) in enumerate(entries.items()):
         if not i % SLICE:
             time.sleep(HAND_OVER)  # as in_slices does
-        added += [(key, e) for e in versions_of(v)]
+        if isinstance(v, tuple):
+            keys += [key] * len(v)
+            versions += v
+        else:
+            keys.append(key)
+            versions.append(v)
     try:
-        return encode_segment(added, [])
+        return _encode(keys, versions, [])
     finally:
-        free_in_slices(added)
+        free_in_slices(keys)
+        free_in_slices(versions)
+
+
+#: The columns of entries, and the attribute of Entry each holds.
+_COLUMNS = {"tokens": "token", "nbytes": "nbytes", "created": "created"}
+_COLUMNS |= {"kept": "kept", "lineage": "lineage"}
+
+
+def _encode(keys: Sequence[Any], entries: Sequence[Entry], deleted: Sequence[Any]) -> bytes:
+    """``msgpack.packb({"version": 2, "keys": [...], "tokens": [...], ...})``, a slice at a
+    time. No list of a million objects is built: a full garbage collection, which such
+    lists make likely, holds the GIL for seconds on a big scheduler."""
+    packer = msgpack.Packer(use_bin_type=True)
+    out = [packer.pack_map_header(4 + len(_COLUMNS)), packer.pack("version"), packer.pack(2)]
+
+    def array(name: str, items: Sequence[Any], size: int, value: Any) -> None:
+        out.extend([packer.pack(name), packer.pack_array_header(len(items))])
+        for part in in_slices(items, size):  # an array's bytes: its items' one after another
+            out.append(b"".join([packer.pack(value(x)) for x in part]))
+
+    array("keys", keys, KEY_SLICE, key_to_msgpack)
+    for name, attribute in _COLUMNS.items():
+        array(name, entries, SLICE, operator.attrgetter(attribute))
+    array("deleted", deleted, KEY_SLICE, lambda kt: key_to_msgpack(kt[0]))
+    array("deleted_tokens", deleted, SLICE, operator.itemgetter(1))
+    return b"".join(out)
 
 
 def decode_segment(data: bytes) -> tuple[list[tuple[Any, Entry]], list[tuple[Any, Any]]]:
