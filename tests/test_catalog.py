@@ -157,6 +157,22 @@ async def test_failed_flush_keeps_changes(store: Store) -> None:
     broken.close()
 
 
+async def test_flush_cancelled_at_any_step_keeps_changes(store: Store) -> None:
+    """A closing scheduler cancels its maintenance task wherever it is: the changes of a
+    flush cut short are written by the next one (else a result a client asked for is
+    missing from the catalog and the objects of deleted results stay listed)."""
+    for steps in range(8):  # cancel after 0, 1, 2, ... passes of the event loop
+        catalog = Catalog(store, f"writer-{steps}")
+        catalog.add(("k", steps), "t", 1)
+        flush = asyncio.create_task(catalog.flush())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        flush.cancel()
+        await asyncio.gather(flush, return_exceptions=True)
+        await catalog.flush()
+        assert ("k", steps) in (await reload(store)).entries, steps
+
+
 @pytest.mark.parametrize("n", [0, 15, 16, 10_000, 70_000])
 async def test_segments_encoded_in_slices_are_the_bytes_of_one_call(n: int) -> None:
     """A segment is encoded a slice at a time, into the bytes msgpack makes of the whole

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from distributed.utils_test import async_poll_for, gen_test
 
 from storage_scheduler import Store
 from storage_scheduler.store.catalog import Catalog
+from tests.faulty_fs import FaultyFileSystem
 from tests.utils import (
     async_poll_until,
     cataloged_keys,
@@ -487,6 +489,31 @@ async def test_storing_again_cancels_a_pending_deletion(tmp_path: Path) -> None:
             await plugin.retention.maintain()
             assert "x" in plugin.catalog
             assert "x" in await listing(url)
+
+
+@gen_test(timeout=60)
+async def test_objects_are_deleted_only_once_the_catalog_says_so(tmp_path: Path) -> None:
+    """While catalog changes cannot be written, doomed objects stay: the store's catalog
+    never lists a result whose object is gone (a later cluster would plan to read it)."""
+    faults = FaultyFileSystem.faults
+    url = f"faulty://{tmp_path}/store"
+    with dask.config.set({"storage-scheduler.flush-interval": "1h"}):  # rounds by hand
+        async with storage_cluster(url) as (c, s, plugin):
+            x = delayed(inc)(1, dask_key_name="x")
+            assert await c.compute(delayed(inc)(x, dask_key_name="y")) == 3
+            assert ("x", plugin.lanes.tokens["x"]) in plugin.retention.doomed
+            faults.fail_writes(errno.ENOSPC)
+            try:
+                for _ in range(3):  # the deletion is due after a round
+                    with pytest.raises(OSError):
+                        await plugin.retention.maintain()
+                assert "x" in await listing(url)
+            finally:
+                faults.reset()
+            await plugin.retention.maintain()
+            await plugin.retention.maintain()
+            assert "x" not in await listing(url)
+            assert "x" not in await cataloged_keys(plugin.store)
 
 
 @gen_test(timeout=60)

@@ -189,9 +189,12 @@ class Retention:
         """Delete doomed objects, write catalog changes (not the lease: see
         :meth:`update_lease`)."""
         self.rounds += 1
+        # The catalog first: an object is deleted only once its removal from the catalog
+        # is written (a failed flush postpones the deletions), else the store's catalog
+        # lists results that are gone.
+        await self.catalog.flush()
         if self.doomed:
             await self.delete_doomed()
-        await self.catalog.flush()
         if self.catalog.segments_since_compaction > COMPACT_EVERY:
             await self.catalog.compact()  # a long-running cluster flushes many segments
 
@@ -338,6 +341,7 @@ class Retention:
                 # Doomed this round: give the other clusters their round to say they want
                 # one of these (the next round would have), then delete what is left.
                 await asyncio.sleep(self.close_wait)
+            await self.catalog.flush()  # before the deletions: see maintain
             await self.delete_doomed(now=True)
             await self.maintain()
         finally:

@@ -215,13 +215,14 @@ class Catalog:
         added = [(k, e) for (k, _), e in pending.items() if e is not None]
         deleted = [kt for kt, e in pending.items() if e is None]
         name = self._segment_name()
-        data = await asyncio.get_running_loop().run_in_executor(
-            None, encode_segment, added, deleted
-        )
         try:
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, encode_segment, added, deleted
+            )
             await self.store.write_file(name, data)
         except BaseException:
-            # Keep the changes for the next flush, unless newer ones replaced them.
+            # Failed or cancelled (a closing scheduler stops its maintenance task wherever
+            # it is): keep the changes for the next flush, unless newer ones replaced them.
             self._pending = {**pending, **self._pending}
             raise
         self._seen_segments.append(name)
