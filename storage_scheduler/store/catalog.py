@@ -221,8 +221,7 @@ class Catalog:
             )
             await self.store.write_file(name, data)
         except BaseException:
-            # Failed or cancelled (a closing scheduler stops its maintenance task wherever
-            # it is): keep the changes for the next flush, unless newer ones replaced them.
+            # Failed, or cancelled by a close: keep them for the next flush unless replaced.
             self._pending = {**pending, **self._pending}
             raise
         self._seen_segments.append(name)
