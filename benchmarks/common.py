@@ -53,18 +53,22 @@ def bench_cluster(
     *,
     relief: str | None = "always",
     storage_options: dict[str, str] | None = None,
+    signing_key: str | None = None,
 ) -> Iterator[tuple[LocalCluster, Client, Sampler]]:
     """2 workers (processes with nannies, one thread each), stock or with storage.
 
     With ``store_url``, storage_scheduler runs with ``memory-relief: relief`` (None: the
-    default). The active memory manager runs every 200 ms in both, so that the comparison
-    is fair. ``memory_limit`` None is Dask's default (the machine's memory, shared).
+    default), and signs what it stores with ``signing_key`` if given. The active memory
+    manager runs every 200 ms in both, so that the comparison is fair. ``memory_limit``
+    None is Dask's default (the machine's memory, shared).
     """
     config: dict[str, Any] = {"distributed.scheduler.active-memory-manager.interval": "200ms"}
     scheduler_kwargs: dict[str, Any] = {}
     if store_url is not None:
         if relief is not None:
             config["storage-scheduler.memory-relief"] = relief
+        if signing_key is not None:
+            config["storage-scheduler.signing-key"] = signing_key
         argv = ["--storage-url", store_url]
         for key, value in (storage_options or {}).items():
             argv += ["--storage-option", f"{key}={value}"]

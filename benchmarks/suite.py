@@ -57,6 +57,10 @@ from benchmarks.common import bench_cluster, cluster_figures, environment
 from benchmarks.scale import scale
 
 MODES = ("stock", "storage")
+#: With ``--signed``: storage with a signing key, to show what signing costs.
+SIGNED = "signed"
+#: The key of the ``signed`` mode (a benchmark's: nothing is protected by it).
+SIGNING_KEY = "benchmark-signing-key"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -130,8 +134,23 @@ def executed(client: Client) -> int:
 def cluster(
     mode: str, store: str | None, **kwargs: Any
 ) -> Iterator[tuple[LocalCluster, Client, Any]]:
-    with bench_cluster(None, store if mode == "storage" else None, relief=None, **kwargs) as c:
+    if mode == SIGNED:
+        kwargs["signing_key"] = SIGNING_KEY
+    with bench_cluster(None, None if mode == "stock" else store, relief=None, **kwargs) as c:
         yield c
+
+
+def token_seconds(graph: Any) -> float:
+    """Time to compute the token of every task of ``graph`` (a Dask collection), as
+    the scheduler does once per task it plans and each worker once per result it stores:
+    what code tokens cost a run of the graph."""
+    from storage_scheduler._protocol import result_token
+
+    specs = list(dict(graph.__dask_graph__()).values())
+    start = time.perf_counter()
+    for spec in specs:
+        result_token(spec, None, None)
+    return time.perf_counter() - start
 
 
 def managed_bytes(dask_worker: Any) -> int:
@@ -195,6 +214,7 @@ def overhead(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": wall,
         "tasks": 2 * leaves - 1,
         "executed": tasks,
+        "token_seconds": token_seconds(graph),
         **figures,
     }
 
@@ -238,7 +258,7 @@ def worker_loss(mode: str, store: str, params: dict[str, Any]) -> dict[str, Any]
         # The documented bound: its threads' tasks and its results awaiting upload.
         pending = int(dask.config.get("storage-scheduler.max-concurrency"))
         out["reexecution_bound"] = out["killed_worker_threads"] + (
-            pending if mode == "storage" else 0
+            0 if mode == "stock" else pending
         )
         for fault in (False, True):
             marks = tempfile.mkdtemp(prefix="worker-loss-")
@@ -402,14 +422,18 @@ def store_for(workload: str, work: str, endpoint: str | None) -> str:
     return f"s3://{bucket}/results"
 
 
-def run_workload(name: str, repeat: int, smoke: bool, endpoint: str | None) -> list[dict[str, Any]]:
+def run_workload(
+    name: str, repeat: int, smoke: bool, endpoint: str | None, modes: tuple[str, ...] = MODES
+) -> list[dict[str, Any]]:
     func, full, tiny, target = WORKLOADS[name]
     params = dict(tiny if smoke else full)
     if name in ("s3", "s3-latency"):
         params["endpoint"] = endpoint
+    if name in ("scale", "s3-latency"):  # clusters of their own, never signed
+        modes = tuple(m for m in modes if m != SIGNED)
     rows = []
     for rep in range(repeat):
-        for mode in MODES:
+        for mode in modes:
             work = tempfile.mkdtemp(prefix=f"bench-{name}-")
             try:
                 row = func(mode, store_for(name, work, endpoint), params)
@@ -464,6 +488,11 @@ def main(argv: list[str]) -> int:
         "--out", type=Path, default=RESULTS, help=f"directory of the JSON lines (default {RESULTS})"
     )
     parser.add_argument(
+        "--signed",
+        action="store_true",
+        help=f"also run storage with a signing key (mode {SIGNED!r}): what signing costs",
+    )
+    parser.add_argument(
         "--s3-endpoint",
         default=os.environ.get("STORAGE_SCHEDULER_TEST_S3_ENDPOINT"),
         help="S3 API for the s3 workload (default: $STORAGE_SCHEDULER_TEST_S3_ENDPOINT)",
@@ -478,18 +507,24 @@ def main(argv: list[str]) -> int:
     ):
         os.environ.setdefault(var, value)  # moto takes any credentials
     repeat = 1 if args.smoke else args.repeat
+    modes = (*MODES, SIGNED) if args.signed else MODES
     args.out.mkdir(parents=True, exist_ok=True)
     wrong = []
     for name in args.workloads:
-        rows = run_workload(name, repeat, args.smoke, args.s3_endpoint)
+        rows = run_workload(name, repeat, args.smoke, args.s3_endpoint, modes)
         with open(args.out / f"{name}.jsonl", "w") as f:  # one run of the suite per file
             f.writelines(json.dumps(row) + "\n" for row in rows)
         wrong += [f"{r['workload']} {r['mode']} #{r['rep']}" for r in rows if not r["correct"]]
         medians = {
-            m: statistics.median(r["wall_seconds"] for r in rows if r["mode"] == m) for m in MODES
+            m: statistics.median(r["wall_seconds"] for r in rows if r["mode"] == m) for m in modes
         }
         print(
-            f"{name:>11}: median wall time storage / stock = {medians['storage'] / medians['stock']:.2f}",
+            f"{name:>11}: median wall time storage / stock = {medians['storage'] / medians['stock']:.2f}"
+            + (
+                f", signed / storage = {medians[SIGNED] / medians['storage']:.3f}"
+                if SIGNED in medians
+                else ""
+            ),
             flush=True,
         )
     if wrong:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -136,6 +137,26 @@ async def test_rebuild_carries_on_past_bad_files(store: Store) -> None:
     assert {(k, e.token) for k, e in catalog.items()} == {("a", "ta"), ("b", "tb")}
 
 
+async def test_a_deletion_deletes_only_the_write_it_saw(store: Store) -> None:
+    """Cluster b stored a result again after cluster a did; a deleting its own write
+    leaves b's entry (and b's object) in the catalog every cluster loads."""
+    a, b = Catalog(store, "a"), Catalog(store, "b")
+    a.add("k", "t", 1, created=100.0)
+    await a.flush()
+    b.add("k", "t", 1, created=200.0)  # written again: a newer object
+    await b.flush()
+    a.discard("k", "t")
+    await a.flush()
+    assert (await reload(store)).get("k", "t") == Entry("t", 1, 200.0)
+    await a.refresh()
+    assert a.get("k", "t") == Entry("t", 1, 200.0)
+    b.discard("k", "t")  # its own write: gone for everyone
+    await b.flush()
+    assert "k" not in (await reload(store)).entries
+    await a.refresh()
+    assert a.get("k", "t") is None
+
+
 async def test_failed_flush_keeps_changes(store: Store) -> None:
     class Broken(Store):
         fail = True
@@ -180,12 +201,14 @@ async def test_segments_encoded_in_slices_are_the_bytes_of_one_call(n: int) -> N
     before and after read the same."""
     added = [
         (
-            ("x", i, 2**70 + i) if i % 3 else f"k{i}",
+            (("x", i, 2**70 + i), ("y", np.int64(i), (i / 2, b"b")), f"k{i}")[i % 3],
             Entry(None if i % 5 == 0 else f"{i:032x}", i, i / 7, i % 2 == 0, f"l{i}" or None),
         )
         for i in range(n)
     ]
-    deleted = [(("d", i), None if i % 2 else f"t{i}") for i in range(n // 3)]
+    deleted = [
+        (("d", i), None if i % 2 else f"t{i}", i / 3 if i % 3 else None) for i in range(n // 3)
+    ]
     one_call = msgpack.packb(
         {
             "version": 2,
@@ -195,8 +218,9 @@ async def test_segments_encoded_in_slices_are_the_bytes_of_one_call(n: int) -> N
             "created": [e.created for _, e in added],
             "kept": [e.kept for _, e in added],
             "lineage": [e.lineage for _, e in added],
-            "deleted": [key_to_msgpack(k) for k, _ in deleted],
-            "deleted_tokens": [t for _, t in deleted],
+            "deleted": [key_to_msgpack(k) for k, _, _ in deleted],
+            "deleted_tokens": [t for _, t, _ in deleted],
+            "deleted_created": [c for _, _, c in deleted],
         },
         use_bin_type=True,
     )

@@ -307,11 +307,13 @@ class Retention:
             rewritten = [False] * len(free)
         victims = [kt for kt, again in zip(free, rewritten, strict=True) if not again]
         await self.store.delete_versions(victims)  # on failure: all still doomed, retried
-        gone = set(victims)
+        # Written again or deleted since: the catalog's deletion record was of this very
+        # write only (another cluster's entry for the new one stands); nothing to undo.
+        settled = set(free)
         for key, token in due:
             _, entry = self.doomed.pop((key, token))
-            if (key, token) not in gone and self.catalog.get(key, token) is None:
-                # Spared: its entry stays in the catalog that every cluster shares.
+            if (key, token) not in settled and self.catalog.get(key, token) is None:
+                # Another live cluster holds it: it stays in the catalog every cluster shares.
                 self.catalog.add(key, token, entry.nbytes, entry.kept, entry.lineage, entry.created)
         self.deleted_total += len(victims)
 
@@ -324,7 +326,8 @@ class Retention:
         return out
 
     async def _rewritten(self, result: tuple[Any, str | None]) -> bool:
-        """Whether a doomed result's object was written again since (or is gone)."""
+        """Whether a doomed result's object was written again since (or is gone: deleted
+        by a round that a close cut short, or by another cluster)."""
         key, token = result
         try:
             header = await self.store.head(key, token)

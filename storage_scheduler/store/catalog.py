@@ -61,6 +61,13 @@ def _segment_time(name: str) -> float:
         return float("inf")  # not named by us: its deletions win
 
 
+def _deletes(token: Any, created: float | None, written: float, entry: Entry) -> bool:
+    """Whether deleting the version ``token`` (the write made at ``created``, or else any
+    write up to ``written``) deletes ``entry``: never a result stored again since."""
+    limit = written if created is None else created
+    return (token is ANY_VERSION or entry.token == token) and entry.created <= limit
+
+
 class Catalog:
     """Stored results of one store, as seen by one scheduler.
 
@@ -88,8 +95,9 @@ class Catalog:
     #: Number of stored results (versions) and their total size.
     count: int
     nbytes: int
-    #: Changes not yet written, by (key, token): an Entry to add, or None to delete.
-    _pending: dict[tuple[Any, str | None], Entry | None]
+    #: Changes not yet written, by (key, token): an Entry to add, or a deletion: the
+    #: ``created`` of the write deleted (None: any write up to the segment's time).
+    _pending: dict[tuple[Any, str | None], Entry | float | None]
     #: Segments already reflected in ``entries`` (compaction may delete them).
     _seen_segments: list[str]
     _seq: int
@@ -188,11 +196,12 @@ class Catalog:
             self._pending[key, token] = new
 
     def discard(self, key: Any, token: str | None) -> None:
-        """Forget the stored result of ``key`` produced with ``token``."""
-        had = self.get(key, token) is not None
+        """Forget the stored result of ``key`` produced with ``token``: that very write,
+        not one made since by another cluster (whose entry other catalogs keep)."""
+        old = self.get(key, token) or self._pending.get((key, token))
         self._remove(key, token)
-        if had or (key, token) in self._pending:
-            self._pending[key, token] = None
+        if old is not None or (key, token) in self._pending:
+            self._pending[key, token] = getattr(old, "created", old)  # Entry, or a deletion
 
     def _replace(self, entries: dict[Any, Versions]) -> None:
         self.entries = entries
@@ -212,8 +221,8 @@ class Catalog:
         if not self._pending:
             return 0
         pending, self._pending = self._pending, {}
-        added = [(k, e) for (k, _), e in pending.items() if e is not None]
-        deleted = [kt for kt, e in pending.items() if e is None]
+        added = [(k, e) for (k, _), e in pending.items() if isinstance(e, Entry)]
+        deleted = [(k, t, e) for (k, t), e in pending.items() if not isinstance(e, Entry)]
         name = self._segment_name()
         try:
             data = await asyncio.get_running_loop().run_in_executor(
@@ -235,7 +244,7 @@ class Catalog:
         names = [n for n, blob in zip(listed, read, strict=True) if blob is not None]
         blobs = [blob for blob in read if blob is not None]
         loop = asyncio.get_running_loop()
-        entries, damaged = await loop.run_in_executor(None, self._replay, blobs, names)
+        entries, damaged = await loop.run_in_executor(None, _replay, self.store, blobs, names)
         self._replace(entries)
         if damaged and compact:  # a writer: set them aside for ``rebuild-catalog``
             await _quarantine(self.store, damaged, dict(zip(names, blobs, strict=True)))
@@ -279,10 +288,9 @@ class Catalog:
                     self._set(key, replace(entry, kept=entry.kept or bool(mine and mine.kept)))
                 if i % 10_000 == 9_999:
                     await asyncio.sleep(0)
-            for key, token in deleted:
-                # Not a result stored again after the deletion was recorded.
+            for key, token, created in deleted:
                 for entry in self.versions(key):
-                    if (token is ANY_VERSION or entry.token == token) and entry.created <= written:
+                    if _deletes(token, created, written, entry):
                         self._remove(key, entry.token)
             self._seen_segments.append(name)
         return len(found)
@@ -295,25 +303,6 @@ class Catalog:
         except UntrustedObjectError as e:
             logger.warning("Ignoring catalog segment %s: %s", name, e)
             return None
-
-    def _replay(
-        self, blobs: list[bytes], names: list[str]
-    ) -> tuple[dict[Any, Versions], list[str]]:
-        """The entries the segments add up to, and the names of those that cannot be read."""
-        catalog = Catalog(self.store, self.writer_id)  # replays with the same rules as live
-        damaged = []
-        for name, blob in zip(names, blobs, strict=True):
-            try:
-                added, deleted = decode_segment(blob)
-            except Exception as e:
-                logger.warning("Skipping unreadable catalog segment %s: %s", name, e)
-                damaged.append(name)
-                continue
-            for key, entry in added:
-                catalog._set(key, entry)
-            for key, token in deleted:
-                catalog._remove(key, token)
-        return catalog.entries, damaged
 
     async def compact(self) -> None:
         """Write the whole catalog as one segment and delete the segments it replaces."""
@@ -361,6 +350,28 @@ class Catalog:
         self._seen_segments = await self.store.list_files(MANIFEST)
         await self.compact()
         return problems
+
+
+def _replay(
+    store: Store, blobs: list[bytes], names: list[str]
+) -> tuple[dict[Any, Versions], list[str]]:
+    """The entries the segments add up to, and the names of those that cannot be read."""
+    catalog = Catalog(store)  # replays with the same rules as live
+    damaged = []
+    for name, blob in zip(names, blobs, strict=True):
+        try:
+            added, deleted = decode_segment(blob)
+        except Exception as e:
+            logger.warning("Skipping unreadable catalog segment %s: %s", name, e)
+            damaged.append(name)
+            continue
+        for key, entry in added:
+            catalog._set(key, entry)
+        for key, token, created in deleted:
+            for entry in catalog.versions(key):
+                if _deletes(token, created, float("inf"), entry):
+                    catalog._remove(key, entry.token)
+    return catalog.entries, damaged
 
 
 async def _quarantine(store: Store, damaged: list[str], blobs: dict[str, bytes]) -> None:

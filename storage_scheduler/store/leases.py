@@ -21,7 +21,6 @@ by name: an unchanged lease costs a reader one small read.
 from __future__ import annotations
 
 import asyncio
-import numbers
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import msgpack
 from storage_scheduler._exceptions import IntegrityError
 from storage_scheduler._threads import HAND_OVER, in_slices
 from storage_scheduler.store._store import Store
-from storage_scheduler.store.serialize import key_to_msgpack, msgpack_ext_hook
+from storage_scheduler.store.serialize import msgpack_ext_hook, msgpack_key_part
 
 __all__ = [
     "LEASES",
@@ -67,20 +66,12 @@ _BUCKETS = 256
 _BUCKET_MASK = _BUCKETS - 1
 
 
-def _key_part(obj: object) -> Any:
-    """``default`` of the packer: what msgpack cannot pack itself (big or numpy
-    integers), as :func:`key_to_msgpack` spells it."""
-    if isinstance(obj, (numbers.Integral, numbers.Real)) and not isinstance(obj, bool):
-        return key_to_msgpack(obj)
-    raise TypeError(f"not a valid Dask key part: {obj!r}")
-
-
 def _encode_part(keys: Sequence[Any]) -> bytes:
     # msgpack packs tuples as arrays, as key_to_msgpack does; letting it walk the keys
     # (instead of building a list per key) is ~10x faster and leaves the garbage
     # collector nothing to collect: a full collection holds the GIL (~300 ms for 1M keys).
     return b"".join(
-        msgpack.packb(list(frame), use_bin_type=True, default=_key_part)
+        msgpack.packb(list(frame), use_bin_type=True, default=msgpack_key_part)
         for frame in in_slices(keys, FRAME_KEYS)
     )
 

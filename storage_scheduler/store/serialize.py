@@ -50,6 +50,7 @@ __all__ = [
     "key_from_object_name",
     "key_to_msgpack",
     "msgpack_ext_hook",
+    "msgpack_key_part",
     "object_name",
     "object_path",
     "pack_key",
@@ -103,6 +104,14 @@ def key_to_msgpack(key: object) -> Any:
     if isinstance(key, numbers.Real):
         return float(key)
     raise TypeError(f"not a valid Dask key part: {key!r} of type {type(key).__name__}")
+
+
+def msgpack_key_part(obj: object) -> Any:
+    """``default`` of a msgpack packer walking keys itself: what msgpack cannot pack
+    (big or numpy integers), as :func:`key_to_msgpack` spells it."""
+    if isinstance(obj, (numbers.Integral, numbers.Real)) and not isinstance(obj, bool):
+        return key_to_msgpack(obj)
+    raise TypeError(f"not a valid Dask key part: {obj!r}")
 
 
 def msgpack_ext_hook(code: int, data: bytes) -> object:
