@@ -204,8 +204,12 @@ class LifecycleMachine(RuleBasedStateMachine):
     def restart_mid_round(self, i: int, steps: int) -> None:
         """Close a scheduler while a background round is under way: closing stops it
         wherever it is (``steps`` passes of the event loop after it began)."""
-        cluster = self.clusters[i]
+        cluster, other = self.clusters[i], self.clusters[1 - i]
+        # What closing waits for (close_wait): the other cluster's next round.
         cluster.plugin.retention.close_wait = 0
+        self.run(other.plugin.retention.update_lease())
+        self.run(other.plugin.retention.maintain())
+        self.recorded(1 - i)
 
         async def stop_mid_round() -> None:
             round_ = asyncio.ensure_future(cluster.plugin.retention.maintain())
