@@ -14,6 +14,8 @@ from tests.cluster_cli import ROOT, cluster_env
 
 pytestmark = [pytest.mark.slow]
 
+PYTHON_M = [sys.executable, "-m"]
+
 
 def bench(args: list[str], out: Path) -> list[dict[str, object]]:
     proc = subprocess.run(
@@ -109,3 +111,37 @@ def test_suite_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "suite.png").stat().st_size > 0 and (
         tmp_path / "traffic.png"
     ).stat().st_size > 0
+
+
+def test_suite_signed_mode(tmp_path: Path) -> None:
+    """``--signed``: the same workload with a signing key, in the same run, and what
+    signing and code tokens cost in the report."""
+    suite = ["benchmarks.suite", "--smoke", "--signed", "--workloads", "overhead"]
+    subprocess.run(
+        [*PYTHON_M, *suite, "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=cluster_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    rows = {
+        r["mode"]: r
+        for r in map(json.loads, (tmp_path / "overhead.jsonl").read_text().splitlines())
+    }
+    assert list(rows) == ["stock", "storage", "signed"]
+    assert all(r["correct"] for r in rows.values())
+    # Every object of the signed run carries a MAC the unsigned one lacks.
+    assert rows["signed"]["store_bytes_written"] > rows["storage"]["store_bytes_written"] > 0
+    assert rows["storage"]["token_seconds"] > 0
+    report_path = str(tmp_path / "RESULTS.md")
+    subprocess.run(
+        [*PYTHON_M, "benchmarks.report", "--results", str(tmp_path), "--out", report_path],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    report = Path(report_path).read_text()
+    assert "signing costs" in report and "computing the tokens of its 63 tasks" in report
+    assert "| overhead | signed | 1 |" in report
