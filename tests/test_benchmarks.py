@@ -116,7 +116,7 @@ def test_suite_smoke(tmp_path: Path) -> None:
 def test_suite_signed_mode(tmp_path: Path) -> None:
     """``--signed``: the same workload with a signing key, in the same run, and what
     signing and code tokens cost in the report."""
-    suite = ["benchmarks.suite", "--smoke", "--signed", "--workloads", "overhead"]
+    suite = ["benchmarks.suite", "--smoke", "--signed", "--workloads", "overhead", "scale"]
     subprocess.run(
         [*PYTHON_M, *suite, "--out", str(tmp_path)],
         cwd=ROOT,
@@ -134,6 +134,8 @@ def test_suite_signed_mode(tmp_path: Path) -> None:
     # Every object of the signed run carries a MAC the unsigned one lacks.
     assert rows["signed"]["store_bytes_written"] > rows["storage"]["store_bytes_written"] > 0
     assert rows["storage"]["token_seconds"] > 0
+    scale = [json.loads(line) for line in (tmp_path / "scale.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in scale] == ["stock", "storage"]  # its own clusters: unsigned
     report_path = str(tmp_path / "RESULTS.md")
     subprocess.run(
         [*PYTHON_M, "benchmarks.report", "--results", str(tmp_path), "--out", report_path],

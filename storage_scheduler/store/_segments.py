@@ -146,7 +146,7 @@ def decode_segment(data: bytes) -> tuple[list[tuple[Any, Entry]], list[Deleted]]
             seg["keys"], seg["tokens"], seg["nbytes"], seg["created"], kept, lineage, strict=True
         )
     ]
-    n = len(seg["deleted"])
-    tokens = seg.get("deleted_tokens") or (ANY_VERSION,) * n
-    created = seg.get("deleted_created") or (None,) * n
+    gone = len(seg["deleted"])
+    tokens = seg.get("deleted_tokens") or (ANY_VERSION,) * gone
+    created = seg.get("deleted_created") or (None,) * gone
     return added, list(zip(seg["deleted"], tokens, created, strict=True))

@@ -31,6 +31,7 @@ from storage_scheduler._exceptions import StoreError, UntrustedObjectError
 from storage_scheduler.progress import Tally
 from storage_scheduler.store._segments import (
     ANY_VERSION,
+    Deleted,
     Entry,
     Versions,
     decode_segment,
@@ -61,11 +62,15 @@ def _segment_time(name: str) -> float:
         return float("inf")  # not named by us: its deletions win
 
 
-def _deletes(token: Any, created: float | None, written: float, entry: Entry) -> bool:
-    """Whether deleting the version ``token`` (the write made at ``created``, or else any
-    write up to ``written``) deletes ``entry``: never a result stored again since."""
-    limit = written if created is None else created
-    return (token is ANY_VERSION or entry.token == token) and entry.created <= limit
+def _apply_deleted(catalog: Catalog, deleted: list[Deleted], written: float) -> None:
+    """Remove what a segment written at ``written`` deletes: each version the very write
+    it names (its ``created``), or else any write up to ``written``; never a result
+    stored again since."""
+    for key, token, created in deleted:
+        limit = written if created is None else created
+        for entry in catalog.versions(key):
+            if (token is ANY_VERSION or entry.token == token) and entry.created <= limit:
+                catalog._remove(key, entry.token)
 
 
 class Catalog:
@@ -281,17 +286,13 @@ class Catalog:
             except Exception as e:  # quarantined by the next scheduler that starts
                 logger.warning("Skipping unreadable catalog segment %s: %s", name, e)
                 continue
-            written = _segment_time(name)
             for i, (key, entry) in enumerate(added):
                 mine = self.get(key, entry.token)
                 if mine is None or mine.created <= entry.created:
                     self._set(key, replace(entry, kept=entry.kept or bool(mine and mine.kept)))
                 if i % 10_000 == 9_999:
                     await asyncio.sleep(0)
-            for key, token, created in deleted:
-                for entry in self.versions(key):
-                    if _deletes(token, created, written, entry):
-                        self._remove(key, entry.token)
+            _apply_deleted(self, deleted, _segment_time(name))
             self._seen_segments.append(name)
         return len(found)
 
@@ -367,10 +368,7 @@ def _replay(
             continue
         for key, entry in added:
             catalog._set(key, entry)
-        for key, token, created in deleted:
-            for entry in catalog.versions(key):
-                if _deletes(token, created, float("inf"), entry):
-                    catalog._remove(key, entry.token)
+        _apply_deleted(catalog, deleted, float("inf"))  # in order: nothing came after
     return catalog.entries, damaged
 
 
