@@ -56,7 +56,14 @@ def gate(delay: float) -> int:
     return 0
 
 
-def graph(marks: Path, n: int = 10) -> tuple[Any, Any]:
+#: y's length. A 4 MB slice takes tens of milliseconds to write and read back against
+#: about one to copy, so the decision holds on a busy machine too (where a 10-element
+#: slice, waiting for the GIL behind x's write, can take longer than a small write).
+N = 500_000
+SUM = N * (N - 1) / 2
+
+
+def graph(marks: Path, n: int = N) -> tuple[Any, Any]:
     x = delayed(expensive)(str(marks), max(100_000, 2 * n), dask_key_name="x")
     y = delayed(head)(x, str(marks), n, dask_key_name="y")
     return x, y
@@ -105,7 +112,7 @@ async def test_cheap_slice_not_stored(c, s, a, b, tmp_path: Path) -> None:
     marks.mkdir()
     x, y = graph(marks)
     z = delayed(total)(y, dask_key_name="z")
-    assert await c.compute(z) == 45.0
+    assert await c.compute(z) == SUM
     assert plugin.counters.stored == 2  # x (costly) and z (requested); not y
     assert skipped(a, b) == 1
     assert (a.metrics["storage"]() or {})["not_stored_by_reason"].get("recomputable", 0) + (
@@ -124,14 +131,14 @@ async def test_requested_and_annotated_results_are_stored(c, s, a, b, tmp_path: 
     marks.mkdir()
     x, y = graph(marks)
     # Requested: stored, however cheap.
-    assert (await c.compute(y)).tolist() == list(range(10))
+    assert np.array_equal(await c.compute(y), np.arange(N))
     assert plugin.catalog.versions("y")
     with dask.annotate(storage=True):
-        kept = delayed(head)(x, str(marks), dask_key_name="kept")
+        kept = delayed(head)(x, str(marks), N, dask_key_name="kept")
     with dask.annotate(storage=False):
         unkept = delayed(expensive)(str(marks), dask_key_name="unkept")
     w = delayed(total)(kept, unkept, dask_key_name="w")
-    assert await c.compute(w) == 45.0
+    assert await c.compute(w) == SUM
     assert plugin.catalog.versions("kept")  # annotated storage=True: stored
     assert not plugin.catalog.versions("unkept")  # storage=False: not, however costly
     stats = [wk.plugins["storage-scheduler"].writer.stats.not_stored_by_reason for wk in (a, b)]
@@ -146,14 +153,14 @@ async def test_reuse_walks_through_an_unstored_key(tmp_path: Path) -> None:
     with dask.config.set({**POLICY, "storage-scheduler.gc": "never"}):
         async with storage_cluster(url) as (c, _, plugin):
             x, y = graph(marks)
-            assert await c.compute(delayed(total)(y, dask_key_name="z")) == 45.0
+            assert await c.compute(delayed(total)(y, dask_key_name="z")) == SUM
             assert runs(marks) == {"x": 1, "y": 1}
             assert not plugin.catalog.versions("y")
         # A new cluster on the same store asks for another dependent of y.
         async with storage_cluster(url) as (c, _, plugin):
             x, y = graph(marks)
             w = delayed(total)(y, 1, dask_key_name="w")
-            assert await c.compute(w) == 45.0
+            assert await c.compute(w) == SUM
             assert plugin.reuse.reused_total == 1  # x
     # x came from the store; y, which was not stored, was recomputed from it.
     assert runs(marks) == {"x": 1, "y": 2}
@@ -168,9 +175,7 @@ async def test_skipped_slice_recomputed_after_sigkill(tmp_path: Path) -> None:
     url = f"file://{tmp_path / 'store'}"
     marks = tmp_path / "runs"
     marks.mkdir()
-    # A 4 MB slice: tens of milliseconds to write and read back, against about one to
-    # copy, so the decision holds on a freshly restarted, busy worker too.
-    n = 500_000
+    n = N
     with dask.config.set(POLICY):
         async with process_cluster(url) as (cluster, c):
             s = cluster.scheduler
