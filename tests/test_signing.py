@@ -161,6 +161,57 @@ def test_objects_carry_keyed_blake3_and_earlier_hmac_objects_verify() -> None:
         serialize.verify(swapped, "x", signing_keys=[key])
 
 
+def test_large_objects_carry_gmac_under_a_one_time_key() -> None:
+    import struct
+
+    import numpy as np
+    import xxhash
+
+    from storage_scheduler.store import serialize, signing
+
+    key, other = KEY.encode(), b"another-key"
+    value = np.arange(signing.GMAC_MIN_BYTES // 8, dtype="f8")
+
+    def encoded() -> bytearray:
+        frames = serialize.encode("x", value, token="t", signing_key=key)
+        return bytearray(b"".join(bytes(memoryview(f).cast("B")) for f in frames))
+
+    data = encoded()
+    assert data.startswith(serialize.MAGIC_SIGNED_GMAC)
+    header, payload = serialize.verify(data, "x", signing_keys=[other, key], token="t")
+    np.testing.assert_array_equal(serialize.decode_value(payload), value)
+    with pytest.raises(UntrustedObjectError):
+        serialize.verify(data, "x", signing_keys=[other])
+    # A fresh salt, so a fresh key, for every write of the same bytes.
+    tag = slice(serialize.PREFIX_SIZE, serialize.PREFIX_SIZE + signing.MAC_SIZE)
+    assert encoded()[tag] != data[tag]
+
+    def forged(change: Any) -> bytearray:
+        """``data`` changed, with its checksum made to match again."""
+        out = bytearray(data)
+        change(out)
+        _, header_len, _ = struct.unpack_from("<8sIQ", out)
+        body = out[tag.stop :]
+        struct.pack_into(
+            "<8sIQ", out, 0, bytes(out[:8]), header_len, xxhash.xxh3_64_intdigest(body)
+        )
+        return out
+
+    def flip(i: int) -> Any:
+        return lambda b: b.__setitem__(i, b[i] ^ 1)
+
+    for change in (flip(len(data) - 1), flip(tag.start), flip(tag.stop - 1)):
+        with pytest.raises(UntrustedObjectError):
+            serialize.verify(forged(change), "x", signing_keys=[key])
+    # The tag is checked with the algorithm its magic names.
+    for magic in (serialize.MAGIC_SIGNED_B3, serialize.MAGIC_SIGNED):
+        with pytest.raises(UntrustedObjectError):
+            serialize.verify(magic + data[len(magic) :], "x", signing_keys=[key])
+    # Below the threshold: keyed BLAKE3.
+    small = serialize.encode("x", value[:1000], token="t", signing_key=key)
+    assert bytes(memoryview(small[0]).cast("B")).startswith(serialize.MAGIC_SIGNED_B3)
+
+
 @pytest.mark.asyncio
 async def test_signed_arrays_round_trip(tmp_path: Path) -> None:
     """Arrays are stored as out-of-band buffers of their own format (float64, say): the

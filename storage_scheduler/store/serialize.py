@@ -6,9 +6,11 @@ An object is::
 
 and, signed (``storage-scheduler.signing-key``)::
 
-    MAGIC_SIGNED_B3 | header length | checksum | keyed BLAKE3 (32 bytes) | header | payload
+    MAGIC_SIGNED_GMAC | header length | checksum | salt and GMAC (32 bytes) | header | payload
 
-(``MAGIC_SIGNED`` leads objects signed with HMAC-SHA256 by earlier versions: they verify.)
+or, for payloads under :data:`~storage_scheduler.store.signing.GMAC_MIN_BYTES`,
+``MAGIC_SIGNED_B3`` and a keyed BLAKE3 MAC. (``MAGIC_SIGNED`` leads objects signed with
+HMAC-SHA256 by earlier versions: they verify.)
 
 The payload is distributed's own framing of the value (:func:`serialize_bytelist`), so
 numpy buffers and other out-of-band frames are written without copies. The checksum
@@ -66,8 +68,10 @@ Buffer = bytes | bytearray | memoryview
 MAGIC = b"DSKSTOR1"
 #: Leads a signed object: the prefix is followed by the MAC of header and payload.
 MAGIC_SIGNED = b"DSKSIGN1"
-#: As :data:`MAGIC_SIGNED`, with keyed BLAKE3 as the MAC (what is written now).
+#: As :data:`MAGIC_SIGNED`, with keyed BLAKE3 as the MAC (small objects).
 MAGIC_SIGNED_B3 = b"DSKSIGN2"
+#: As :data:`MAGIC_SIGNED`, with a salt and GMAC as the MAC (large objects).
+MAGIC_SIGNED_GMAC = b"DSKSIGN3"
 _PREFIX = struct.Struct("<8sIQ")
 PREFIX_SIZE = _PREFIX.size
 _BIGINT = 1  # msgpack ext type of integers outside the 64-bit range
@@ -275,11 +279,12 @@ def encode(
         compression=compression or False,  # type: ignore[arg-type]
         on_error="raise",
     )
+    nbytes = sum(memoryview(f).nbytes for f in payload)
     header = msgpack.packb(
         {
             "key": pack_key(key),
             "token": token,
-            "nbytes": sum(memoryview(f).nbytes for f in payload),
+            "nbytes": nbytes,
             "type": type(value).__name__,
             "created": time.time() if created is None else created,
         },
@@ -290,8 +295,11 @@ def encode(
         digest.update(frame)
     if signing_key is None:
         return [_PREFIX.pack(MAGIC, len(header), digest.intdigest()), header, *payload]
-    tag = signing.object_mac(signing_key, [header, *payload])
-    return [_PREFIX.pack(MAGIC_SIGNED_B3, len(header), digest.intdigest()), tag, header, *payload]
+    if nbytes < signing.GMAC_MIN_BYTES:
+        magic, tag = MAGIC_SIGNED_B3, signing.object_mac(signing_key, [header, *payload])
+    else:
+        magic, tag = MAGIC_SIGNED_GMAC, signing.object_gmac(signing_key, [header, *payload])
+    return [_PREFIX.pack(magic, len(header), digest.intdigest()), tag, header, *payload]
 
 
 def _parse_header(data: Buffer, where: str) -> ObjectHeader:
@@ -332,10 +340,13 @@ def _layout(buf: memoryview, where: str) -> _Layout:
     magic, header_len, checksum = _PREFIX.unpack_from(buf)
     if magic == MAGIC:
         return _Layout(PREFIX_SIZE, header_len, checksum, None)
+    start = PREFIX_SIZE + signing.MAC_SIZE
+    tag = buf[PREFIX_SIZE:start]
+    if magic == MAGIC_SIGNED_GMAC:
+        return _Layout(start, header_len, checksum, tag, signing.gmac_verifier(tag))
     if magic in (MAGIC_SIGNED_B3, MAGIC_SIGNED):
-        start = PREFIX_SIZE + signing.MAC_SIZE
         algorithm = signing.object_mac if magic == MAGIC_SIGNED_B3 else signing.mac
-        return _Layout(start, header_len, checksum, buf[PREFIX_SIZE:start], algorithm)
+        return _Layout(start, header_len, checksum, tag, algorithm)
     raise IntegrityError(f"not a storage_scheduler object: {where}")
 
 

@@ -6,10 +6,13 @@ client. With ``storage-scheduler.signing-key`` set, every object, catalog segmen
 carries a MAC over its bytes, and a reader verifies it before anything is unpickled or
 believed. Several keys rotate: the first signs, any of them verifies.
 
-Objects, which can be large and are hashed twice (written, read), carry keyed BLAKE3
-(:func:`object_mac`): about 2.4 times the throughput of HMAC-SHA256 on one core. The key
-is derived from the signing key (BLAKE3's key derivation), so one secret serves both.
-Objects signed with HMAC-SHA256 by earlier versions still verify. Catalog segments and
+Objects are hashed twice (written, read), so their MAC is the fastest sound one for their
+size. Large objects carry GMAC (:func:`object_gmac`, AES-GCM's authentication alone, about
+5 GB/s per core with AES-NI) under a one-time AES key derived from the signing key and a
+random salt, so no key is used twice and no nonce can repeat. Small ones carry keyed
+BLAKE3 (:func:`object_mac`), cheaper to set up per call. Both keys are derived from the
+signing key (BLAKE3's key derivation), so one secret serves all. Objects signed with
+keyed BLAKE3 or HMAC-SHA256 by earlier versions still verify. Catalog segments and
 leases, small, keep HMAC-SHA256.
 
 The checksum stays beside the MAC: a checksum failure says the bytes were damaged, a MAC
@@ -20,21 +23,41 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 import blake3
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from storage_scheduler._exceptions import UntrustedObjectError
 
-__all__ = ["MAC_SIZE", "mac", "object_mac", "seal", "unseal", "verify_mac"]
+__all__ = [
+    "GMAC_MIN_BYTES",
+    "MAC_SIZE",
+    "mac",
+    "object_gmac",
+    "object_mac",
+    "seal",
+    "unseal",
+    "verify_mac",
+]
 
 Buffer = bytes | bytearray | memoryview
 
-#: Bytes of one MAC (HMAC-SHA256 and keyed BLAKE3 alike).
+#: Bytes of one MAC (HMAC-SHA256, keyed BLAKE3, and GMAC's salt and tag alike).
 MAC_SIZE = 32
-#: Context of the derivation of the object MAC's key from the signing key.
+#: Objects of this many payload bytes and more carry GMAC; smaller ones keyed BLAKE3,
+#: whose setup per call costs a few microseconds against GMAC's twenty.
+GMAC_MIN_BYTES = 64 << 10
+#: Contexts of the derivations of the object MACs' keys from the signing key.
 _OBJECT_KEY_CONTEXT = "storage_scheduler 2026 object MAC"
+_GMAC_KEY_CONTEXT = "storage_scheduler 2026 object GMAC"
+_SALT_SIZE = 16
+#: Each one-time key authenticates one object: a fixed nonce never repeats under a key.
+_GCM_NONCE = bytes(12)
+#: Bytes authenticated per call: other threads get the GIL between calls.
+_GMAC_CHUNK = 8 << 20
 #: Leads a sealed small file (catalog segment, lease).
 SEAL_MAGIC = b"DSKSEAL1"
 
@@ -56,9 +79,29 @@ def object_mac(key: bytes, parts: Iterable[Buffer]) -> bytes:
     return h.digest()
 
 
+def object_gmac(key: bytes, parts: Iterable[Buffer], salt: bytes | None = None) -> bytes:
+    """A random ``salt`` (or the one given, to verify) and the GMAC of the concatenation
+    of ``parts`` under the one-time AES-256 key that ``key`` and ``salt`` derive."""
+    salt = os.urandom(_SALT_SIZE) if salt is None else salt
+    one_time = blake3.blake3(salt, key=_object_key(key, _GMAC_KEY_CONTEXT)).digest()
+    gmac = Cipher(algorithms.AES(one_time), modes.GCM(_GCM_NONCE)).encryptor()
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, view.nbytes, _GMAC_CHUNK):
+            gmac.authenticate_additional_data(view[start : start + _GMAC_CHUNK])
+    gmac.finalize()
+    return salt + gmac.tag
+
+
+def gmac_verifier(tag: Buffer) -> Callable[[bytes, Iterable[Buffer]], bytes]:
+    """The MAC algorithm that recomputes a stored GMAC ``tag`` (with its salt)."""
+    salt = bytes(tag[:_SALT_SIZE])
+    return lambda key, parts: object_gmac(key, parts, salt)
+
+
 @lru_cache(maxsize=16)
-def _object_key(key: bytes) -> bytes:
-    derived: bytes = blake3.blake3(key, derive_key_context=_OBJECT_KEY_CONTEXT).digest()
+def _object_key(key: bytes, context: str = _OBJECT_KEY_CONTEXT) -> bytes:
+    derived: bytes = blake3.blake3(key, derive_key_context=context).digest()
     return derived
 
 
