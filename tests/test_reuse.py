@@ -298,6 +298,29 @@ async def test_compute_of_a_collection_is_reused(tmp_path: Path) -> None:
     assert sum(1 for k in keys if isinstance(k, tuple) and k[0] == x.name) == 6
 
 
+def test_dask_compute_of_a_reduction_is_reused(tmp_path: Path) -> None:
+    """``.compute()`` (``dask.compute``) fuses the finalize wrapper with a reduction's
+    last task, under a new name at every call: that task's inputs are what is kept, so a
+    new cluster runs only the fused last step again."""
+    from distributed import Client, LocalCluster
+
+    argv = ["--storage-url", str(tmp_path / "store")]
+    x = da.arange(60, chunks=10).map_blocks(lambda b: record("block", b + 1), dtype=int)
+    CALLS.clear()
+    for _ in range(2):
+        with (
+            LocalCluster(
+                n_workers=1,
+                processes=False,
+                dashboard_address=":0",
+                scheduler_kwargs={"preload": ["storage_scheduler"], "preload_argv": argv},
+            ) as cluster,
+            Client(cluster),
+        ):
+            assert x.sum().compute() == sum(range(1, 61))
+    assert CALLS == ["block"] * 6
+
+
 def upstream_a() -> int:
     CALLS.append("up-a")
     return 1

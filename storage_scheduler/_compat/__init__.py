@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dask._task_spec import Alias
-from dask.utils import key_split
 from distributed.active_memory_manager import ActiveMemoryManagerPolicy
 from distributed.core import Status
 from distributed.scheduler import TaskState, WorkerState
@@ -194,13 +193,26 @@ def annotate(ts: TaskState, **annotations: Any) -> None:
 
 
 def is_finalize_key(key: Any) -> bool:
-    """Whether ``key`` is the one-off wrapper ``Client.compute`` puts around a collection.
+    """Whether ``key`` is the one-off wrapper ``compute`` puts around a collection.
 
     A dask naming convention (``finalize-<token>``), not an API. Its name is new at every
     call, so its result can never be reused: it is not stored, and what it wraps (the
-    collection's own keys) counts as the requested result.
+    collection's own keys) counts as the requested result. ``dask.compute`` fuses the
+    wrapper with the collection's last task and joins their names
+    (``sum-aggregate-finalize-hlgfinalizecompute-<token>``, which ``key_split`` cuts to
+    ``sum-aggregate``).
+
+    Examples
+    --------
+    >>> is_finalize_key("finalize-hlgfinalizecompute-e524ccd8f9c04e6b98067802ea44649d")
+    True
+    >>> is_finalize_key("sum-aggregate-finalize-hlgfinalizecompute-e524ccd8f9c04e6b")
+    True
+    >>> is_finalize_key(("sum-partial-b599ab36dafeab53eb2e45e5687aec5d", 0))
+    False
     """
-    return str(key_split(key)).startswith("finalize")
+    words = str(key[0] if isinstance(key, tuple) and key else key).split("-")
+    return words[0] == "finalize" or "hlgfinalizecompute" in words
 
 
 def is_p2p_barrier(ts: TaskState) -> bool:

@@ -125,13 +125,15 @@ class Retention:
     def requested(self, keys: Iterable[Any]) -> list[Any]:
         """A client asked for ``keys``: keep their results, in this run and later ones.
         Returns the keys whose results are wanted."""
-        wanted = []
-        for key in keys:
+        wanted, stack = [], list(keys)
+        while stack:
+            key = stack.pop()
             wanted.append(key)
             ts = self.scheduler.tasks.get(key)
             if ts is not None and _compat.is_finalize_key(key):
-                # Client.compute's wrapper: what it wraps is the result the user wants.
-                wanted.extend(dts.key for dts in ts.dependencies)
+                # compute's wrapper (and what dask.compute fused into it, under a name as
+                # new): what it wraps is the result the user wants.
+                stack.extend(dts.key for dts in ts.dependencies)
         self.wanted.update(wanted)
         return wanted
 
