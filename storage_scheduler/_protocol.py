@@ -77,8 +77,8 @@ class Heartbeat(TypedDict):
     untrusted_objects: int
     #: Results not stored, by reason: ``annotation`` (``storage=False``),
     #: ``not-annotated`` (``results: annotated``), ``recomputable`` (``policy:
-    #: worth-storing``: cheaper to recompute from stored inputs), ``write-failed``,
-    #: ``store-down``.
+    #: worth-storing``: cheaper to recompute from stored inputs), ``side-effect`` (a
+    #: writer, or a result of None), ``write-failed``, ``store-down``.
     not_stored_by_reason: dict[str, int]
     #: Bytes (in memory) of stored results dropped from RAM without a write, in total.
     evicted_bytes: int

@@ -65,7 +65,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "worker_not_stored_total": (
         "counter",
         "Results not stored, by reason: annotation, not-annotated, recomputable (the "
-        "policy), write-failed, store-down",
+        "policy), side-effect (writers), write-failed, store-down",
     ),
     "worker_evicted_bytes_total": (
         "counter",

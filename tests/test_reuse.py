@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,54 @@ def test_dask_compute_of_a_reduction_is_reused(tmp_path: Path) -> None:
         ):
             assert x.sum().compute() == sum(range(1, 61))
     assert CALLS == ["block"] * 6
+
+
+class FileTarget:
+    """An array target that writes every region it is given to a file of its own."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def __setitem__(self, region: tuple[slice, ...], value: np.ndarray) -> None:
+        Path(self.directory, f"{region[0].start}.npy").write_bytes(value.tobytes())
+
+
+def save(value: int, path: str) -> str:
+    Path(path).write_text(str(value))
+    return path
+
+
+def test_writers_run_again_on_a_new_cluster(tmp_path: Path) -> None:
+    """Tasks that write (``da.store``, ``to_textfiles``, a function returning None) are not
+    stored: on a new cluster they run again, even when everything upstream is reused, so
+    outputs deleted meanwhile are written again."""
+    import dask.bag as db
+    from distributed import Client, LocalCluster
+
+    argv = ["--storage-url", str(tmp_path / "store")]
+    out = tmp_path / "out"
+    x = da.arange(60, chunks=10).map_blocks(lambda b: record("block", b + 1), dtype=int)
+    lines = db.from_sequence(["a", "b", "c"], npartitions=3)
+    CALLS.clear()
+    for _ in range(2):
+        out.mkdir()
+        with (
+            LocalCluster(
+                n_workers=1,
+                processes=False,
+                dashboard_address=":0",
+                scheduler_kwargs={"preload": ["storage_scheduler"], "preload_argv": argv},
+            ) as cluster,
+            Client(cluster),
+        ):
+            kept = x.persist()
+            da.store(kept, FileTarget(str(out)), lock=False)
+            lines.to_textfiles(str(out / "*.txt"))
+            dask.compute(delayed(Path.write_text)(out / "none.txt", "x"))
+        expected = {*(f"{i}.npy" for i in range(0, 60, 10)), "0.txt", "1.txt", "2.txt", "none.txt"}
+        assert {p.name for p in out.iterdir()} == expected
+        shutil.rmtree(out)
+    assert CALLS == ["block"] * 6  # the persisted input was reused
 
 
 def upstream_a() -> int:

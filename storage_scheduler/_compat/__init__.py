@@ -83,6 +83,7 @@ __all__ = [
     "restore_execute",
     "restore_handler",
     "restore_spill_buffer",
+    "runs_for_effect",
     "send_to_worker",
     "set_comm_addresses",
     "set_run_spec",
@@ -213,6 +214,45 @@ def is_finalize_key(key: Any) -> bool:
     """
     words = str(key[0] if isinstance(key, tuple) and key else key).split("-")
     return words[0] == "finalize" or "hlgfinalizecompute" in words
+
+
+#: dask's writers, by module and qualified name of the task's function (of its class, for
+#: a callable object): they run for what they write, whatever they return.
+DASK_WRITERS = frozenset(
+    {
+        "dask.array.core.load_store_chunk",
+        "dask.array.core.store_chunk",
+        "dask.bag.core._to_textfiles_chunk",
+        "dask.dataframe.io.csv._write_csv",
+        "dask.dataframe.io.hdf._pd_to_hdf",
+        "dask.dataframe.io.json.write_json_partition",
+        "dask.dataframe.io.orc.core.ToOrcFunctionWrapper",
+        "dask.dataframe.io.parquet.core.ToParquetFunctionWrapper",
+        "dask.dataframe.io.sql._to_sql_chunk",
+    }
+)
+
+
+def runs_for_effect(spec: object, value: object) -> bool:
+    """Whether a task ran for what it did (wrote files, a database, an array) rather than
+    for what it returned: its result is ``None``, or its function is one of dask's
+    writers (``to_parquet``, ``to_csv``, ``store``/``to_zarr``, ...). Reusing such a
+    result would skip the writing.
+
+    Examples
+    --------
+    >>> from dask._task_spec import Task
+    >>> from dask.array.core import load_store_chunk
+    >>> runs_for_effect(Task("k", load_store_chunk, 1, 2, 3, 4, 5, 6), ())
+    True
+    >>> runs_for_effect(Task("k", len, [1]), 1), runs_for_effect(Task("k", print, 1), None)
+    (False, True)
+    """
+    if value is None:
+        return True
+    func = getattr(spec, "func", None)
+    named = func if hasattr(func, "__qualname__") else type(func)
+    return f"{named.__module__}.{named.__qualname__}" in DASK_WRITERS
 
 
 def is_p2p_barrier(ts: TaskState) -> bool:

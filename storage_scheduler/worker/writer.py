@@ -227,6 +227,10 @@ class ResultWriter:
             if self.on_stored is not None:
                 self.on_stored(key, loaded)
             return None
+        if _compat.runs_for_effect(ts.run_spec, event.value):
+            # Reused, it would not run again: what it writes would not be written.
+            self.stats.skipped("side-effect")
+            return None
         if self._not_worth_storing(ts, event):
             return None
         return ts
