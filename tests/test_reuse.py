@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 import dask
 import dask.array as da
 from dask import delayed
-from distributed import wait
+from distributed import Client, LocalCluster, wait
 from distributed.utils_test import async_poll_for, gen_test
 
 from storage_scheduler import Store
@@ -299,25 +301,30 @@ async def test_compute_of_a_collection_is_reused(tmp_path: Path) -> None:
     assert sum(1 for k in keys if isinstance(k, tuple) and k[0] == x.name) == 6
 
 
+@contextlib.contextmanager
+def preloaded_cluster(argv: list[str]) -> Iterator[Client]:
+    """A synchronous in-process cluster started with the preload (``.compute()`` works)."""
+    with (
+        LocalCluster(
+            n_workers=1,
+            processes=False,
+            dashboard_address=":0",
+            scheduler_kwargs={"preload": ["storage_scheduler"], "preload_argv": argv},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 def test_dask_compute_of_a_reduction_is_reused(tmp_path: Path) -> None:
     """``.compute()`` (``dask.compute``) fuses the finalize wrapper with a reduction's
     last task, under a new name at every call: that task's inputs are what is kept, so a
     new cluster runs only the fused last step again."""
-    from distributed import Client, LocalCluster
-
     argv = ["--storage-url", str(tmp_path / "store")]
     x = da.arange(60, chunks=10).map_blocks(lambda b: record("block", b + 1), dtype=int)
     CALLS.clear()
     for _ in range(2):
-        with (
-            LocalCluster(
-                n_workers=1,
-                processes=False,
-                dashboard_address=":0",
-                scheduler_kwargs={"preload": ["storage_scheduler"], "preload_argv": argv},
-            ) as cluster,
-            Client(cluster),
-        ):
+        with preloaded_cluster(argv):
             assert x.sum().compute() == sum(range(1, 61))
     assert CALLS == ["block"] * 6
 
@@ -342,7 +349,6 @@ def test_writers_run_again_on_a_new_cluster(tmp_path: Path) -> None:
     stored: on a new cluster they run again, even when everything upstream is reused, so
     outputs deleted meanwhile are written again."""
     import dask.bag as db
-    from distributed import Client, LocalCluster
 
     argv = ["--storage-url", str(tmp_path / "store")]
     out = tmp_path / "out"
@@ -351,15 +357,7 @@ def test_writers_run_again_on_a_new_cluster(tmp_path: Path) -> None:
     CALLS.clear()
     for _ in range(2):
         out.mkdir()
-        with (
-            LocalCluster(
-                n_workers=1,
-                processes=False,
-                dashboard_address=":0",
-                scheduler_kwargs={"preload": ["storage_scheduler"], "preload_argv": argv},
-            ) as cluster,
-            Client(cluster),
-        ):
+        with preloaded_cluster(argv):
             kept = x.persist()
             da.store(kept, FileTarget(str(out)), lock=False)
             lines.to_textfiles(str(out / "*.txt"))
