@@ -27,6 +27,7 @@ from tests.utils import (
     async_poll_until,
     cataloged_keys,
     leased_keys,
+    preload_kwargs,
     storage_cluster,
     stored_headers,
     stored_token,
@@ -302,14 +303,14 @@ async def test_compute_of_a_collection_is_reused(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def preloaded_cluster(argv: list[str]) -> Iterator[Client]:
+def preloaded_cluster(url: str) -> Iterator[Client]:
     """A synchronous in-process cluster started with the preload (``.compute()`` works)."""
     with (
         LocalCluster(
             n_workers=1,
             processes=False,
             dashboard_address=":0",
-            scheduler_kwargs={"preload": ["storage_scheduler"], "preload_argv": argv},
+            scheduler_kwargs=preload_kwargs(url, {}),
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -320,11 +321,11 @@ def test_dask_compute_of_a_reduction_is_reused(tmp_path: Path) -> None:
     """``.compute()`` (``dask.compute``) fuses the finalize wrapper with a reduction's
     last task, under a new name at every call: that task's inputs are what is kept, so a
     new cluster runs only the fused last step again."""
-    argv = ["--storage-url", str(tmp_path / "store")]
+    url = str(tmp_path / "store")
     x = da.arange(60, chunks=10).map_blocks(lambda b: record("block", b + 1), dtype=int)
     CALLS.clear()
     for _ in range(2):
-        with preloaded_cluster(argv):
+        with preloaded_cluster(url):
             assert x.sum().compute() == sum(range(1, 61))
     assert CALLS == ["block"] * 6
 
@@ -350,14 +351,14 @@ def test_writers_run_again_on_a_new_cluster(tmp_path: Path) -> None:
     outputs deleted meanwhile are written again."""
     import dask.bag as db
 
-    argv = ["--storage-url", str(tmp_path / "store")]
+    url = str(tmp_path / "store")
     out = tmp_path / "out"
     x = da.arange(60, chunks=10).map_blocks(lambda b: record("block", b + 1), dtype=int)
     lines = db.from_sequence(["a", "b", "c"], npartitions=3)
     CALLS.clear()
     for _ in range(2):
         out.mkdir()
-        with preloaded_cluster(argv):
+        with preloaded_cluster(url):
             kept = x.persist()
             da.store(kept, FileTarget(str(out)), lock=False)
             lines.to_textfiles(str(out / "*.txt"))

@@ -206,7 +206,8 @@ class Catalog:
         old = self.get(key, token) or self._pending.get((key, token))
         self._remove(key, token)
         if old is not None or (key, token) in self._pending:
-            self._pending[key, token] = getattr(old, "created", old)  # Entry, or a deletion
+            # The write deleted: an entry's, or that of a deletion already pending.
+            self._pending[key, token] = old.created if isinstance(old, Entry) else old
 
     def _replace(self, entries: dict[Any, Versions]) -> None:
         self.entries = entries
