@@ -212,7 +212,13 @@ def result_token(spec: Any, version: str | None, annotations: Mapping[str, Any] 
 
     Workers call it when they store a result, the scheduler when it decides whether a
     stored result can stand in for a task: both with the task's spec, the cluster's
-    ``storage-scheduler.version`` and the task's annotations (``storage_version``).
+    ``storage-scheduler.version`` and the task's annotations (``storage_version``, and
+    ``storage_sources``: the versions of the zarr arrays it is computed from, see
+    :mod:`storage_scheduler.scheduler.sources`).
     """
-    salt = (version, (annotations or {}).get("storage_version"))
+    annotations = annotations or {}
+    salt: tuple[Any, ...] = (version, annotations.get("storage_version"))
+    sources = annotations.get("storage_sources")
+    if sources:  # absent, the salt is what it always was: stored results stay valid
+        salt = (*salt, tuple(sources))
     return task_token(spec, salt)

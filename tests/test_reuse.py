@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 import dask
 import dask.array as da
 from dask import delayed
-from distributed import Client, LocalCluster, wait
+from distributed import wait
 from distributed.utils_test import async_poll_for, gen_test
 
 from storage_scheduler import Store
@@ -27,7 +25,7 @@ from tests.utils import (
     async_poll_until,
     cataloged_keys,
     leased_keys,
-    preload_kwargs,
+    preloaded_cluster,
     storage_cluster,
     stored_headers,
     stored_token,
@@ -300,21 +298,6 @@ async def test_compute_of_a_collection_is_reused(tmp_path: Path) -> None:
     keys = await listing(url)
     assert not any(str(k).startswith("finalize") for k in keys)
     assert sum(1 for k in keys if isinstance(k, tuple) and k[0] == x.name) == 6
-
-
-@contextlib.contextmanager
-def preloaded_cluster(url: str) -> Iterator[Client]:
-    """A synchronous in-process cluster started with the preload (``.compute()`` works)."""
-    with (
-        LocalCluster(
-            n_workers=1,
-            processes=False,
-            dashboard_address=":0",
-            scheduler_kwargs=preload_kwargs(url, {}),
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
 
 
 def test_dask_compute_of_a_reduction_is_reused(tmp_path: Path) -> None:

@@ -7,11 +7,13 @@ import contextlib
 import inspect
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from distributed import Client, LocalCluster
 
 from storage_scheduler import StorageSchedulerPlugin, Store
 from storage_scheduler.store.catalog import Catalog
@@ -167,3 +169,18 @@ async def storage_cluster(
                 await stack.enter_async_context(Worker(s.address, nthreads=1, validate=True))
             async with Client(s.address, asynchronous=True) as c:
                 yield c, s, plugin
+
+
+@contextlib.contextmanager
+def preloaded_cluster(url: str) -> Iterator[Client]:
+    """A synchronous in-process cluster started with the preload (``.compute()`` works)."""
+    with (
+        LocalCluster(
+            n_workers=1,
+            processes=False,
+            dashboard_address=":0",
+            scheduler_kwargs=preload_kwargs(url, {}),
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import distributed.scheduler as _scheduler
@@ -21,8 +21,8 @@ __all__ = ["watch_graphs"]
 logger = logging.getLogger(__name__)
 
 #: Called with each graph (key -> task spec) and its annotations by type, in the thread
-#: that materialized it.
-GraphWatcher = Callable[[Mapping[Any, Any], Mapping[str, Mapping[Any, Any]]], None]
+#: that materialized it. Annotations it adds are applied to the graph's tasks.
+GraphWatcher = Callable[[Mapping[Any, Any], MutableMapping[str, Any]], None]
 
 _watchers: list[GraphWatcher] = []
 _lock = threading.Lock()

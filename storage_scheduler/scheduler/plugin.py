@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -52,6 +53,7 @@ from storage_scheduler.scheduler.lanes import Lanes
 from storage_scheduler.scheduler.retention import Retention
 from storage_scheduler.scheduler.reuse import Reuse, TaskTokens, mark_p2p_steps
 from storage_scheduler.scheduler.skipped import Skipped
+from storage_scheduler.scheduler.sources import SOURCES_ANNOTATION
 from storage_scheduler.scheduler.status import Counters, History
 from storage_scheduler.store import Store, probe
 from storage_scheduler.store.catalog import Catalog
@@ -171,9 +173,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         self.store, self.catalog = store, catalog
         self.store_id = store_id_for(self.store_settings.url, catalog.writer_id)
         self.lanes = Lanes(scheduler, self.store_id, self.settings.lanes)
-        tokens = TaskTokens(
-            self.settings.worker.version, self.settings.lineage, catalog, self.lanes.tokens.get
-        )
+        tokens = TaskTokens(self.settings.worker.version, self.settings.lineage, catalog)
+        tokens.held, tokens.sources = self.lanes.tokens.get, partial(_sources_of, scheduler)
         self.reuse = Reuse(scheduler, self.lanes, catalog, tokens)
         self.retention = Retention(scheduler, store, catalog, self.lanes, self.settings)
         self.skipped = Skipped(scheduler, self.lanes)
@@ -393,3 +394,10 @@ class StorageSchedulerPlugin(SchedulerPlugin):
     def storage_status(self) -> StorageStatus:
         """The store and every worker's use of it: ``dask storage status`` and the page."""
         return status.storage_status(self)
+
+
+def _sources_of(scheduler: Scheduler, key: Any) -> list[str] | None:
+    """The data versions a task the scheduler has is computed from (read from the
+    offload thread that materializes graphs: one dict lookup, atomic)."""
+    ts = scheduler.tasks.get(key)
+    return None if ts is None else (ts.annotations or {}).get(SOURCES_ANNOTATION)

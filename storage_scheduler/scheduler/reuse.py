@@ -21,7 +21,15 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +42,7 @@ from distributed.scheduler import TaskState
 from storage_scheduler import _compat
 from storage_scheduler._protocol import result_token
 from storage_scheduler._threads import in_slices
+from storage_scheduler.scheduler.sources import SOURCES_ANNOTATION, annotate_sources
 from storage_scheduler.store.catalog import Catalog, Entry
 from storage_scheduler.tokens import task_token
 from storage_scheduler.worker.reader import load_stored
@@ -150,6 +159,8 @@ class TaskTokens:
         Where the tokens of stored dependencies are found when a result is recorded.
     held
         The token of the stored result of a key the cluster holds, if any.
+    sources
+        The ``storage_sources`` annotation of a key the scheduler has, if any.
     """
 
     def __init__(
@@ -158,40 +169,44 @@ class TaskTokens:
         lineage: bool,
         catalog: Catalog,
         held: Callable[[Any], str | None] = lambda key: None,
+        sources: Callable[[Any], Iterable[str] | None] = lambda key: None,
     ):
         self.version = version
         self.lineage = lineage
         self.catalog = catalog
         self.held = held
+        self.sources = sources
         #: Tokens computed ahead, by ``id`` of the spec: the spec (kept alive, so that its
-        #: id stays its own), the ``storage_version`` assumed, the token, and when.
+        #: id stays its own), the annotations assumed (see ``_salt_of``), the token, and
+        #: when.
         self._ahead: dict[int, tuple[Any, Any, str, float]] = {}
 
     def own(self, ts: PlannedTask) -> str:
-        spec, version = ts.run_spec, (ts.annotations or {}).get("storage_version")
+        spec, salt = ts.run_spec, _salt_of(ts.annotations or {})
         ahead = self._ahead.pop(id(spec), None)
-        if ahead is not None and ahead[0] is spec and ahead[1] == version:
+        if ahead is not None and ahead[0] is spec and ahead[1] == salt:
             return ahead[2]
         return result_token(spec, self.version, ts.annotations)
 
-    def ahead(self, dsk: Mapping[Any, Any], annotations: Mapping[str, Mapping[Any, Any]]) -> None:
+    def ahead(self, dsk: Mapping[Any, Any], annotations: MutableMapping[str, Any]) -> None:
         """Compute the tokens of a new graph's stored keys before its tasks exist, in the
         thread that materialized it (see :func:`storage_scheduler._compat.watch_graphs`):
         planning on the event loop then only compares them.
 
         The ``storage_version`` annotations known here are the graph's own; a task that
         ends up with another (set for the whole computation) is tokenized again.
+        ``storage_sources`` are added here first (see :mod:`.sources`).
         """
+        annotate_sources(dsk, annotations, self.sources)
         if not len(self.catalog):
             return
-        versions, now = annotations.get("storage_version", {}), time.monotonic()
+        now = time.monotonic()
         stored = [(key, spec) for key, spec in dsk.items() if key in self.catalog]
         for part in in_slices(stored, 64):  # ~10 us per token
             for key, spec in part:
-                version = versions.get(key)
-                salt = None if version is None else {"storage_version": version}
-                token = result_token(spec, self.version, salt)
-                self._ahead[id(spec)] = (spec, version, token, now)
+                own = {a: annotations[a][key] for a in _SALTS if key in annotations.get(a, {})}
+                token = result_token(spec, self.version, own)
+                self._ahead[id(spec)] = (spec, _salt_of(own), token, now)
 
     def forget_ahead(self, older_than: float = AHEAD_KEPT) -> None:
         """Drop tokens computed ahead for tasks never planned (graphs cancelled, culled,
@@ -258,6 +273,15 @@ class TaskTokens:
             base = own if ts is root and own is not None else self.own(ts)
             memo[ts.key] = task_token(None, (base, parts))
         return memo[root.key]
+
+
+#: The annotations that are part of a token (see :func:`result_token`).
+_SALTS = ("storage_version", SOURCES_ANNOTATION)
+
+
+def _salt_of(annotations: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a task's annotations its token depends on, to compare."""
+    return tuple(annotations.get(a) for a in _SALTS)
 
 
 @contextmanager

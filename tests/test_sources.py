@@ -1,0 +1,143 @@
+"""Results computed from a zarr array are not reused once the array has changed."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import dask.array as da
+from dask._task_spec import DataNode, Task, TaskRef, convert_legacy_graph
+
+from storage_scheduler.scheduler.sources import SOURCES_ANNOTATION, annotate_sources, fingerprint
+from tests.conftest import make_bucket, s3_options
+from tests.utils import preloaded_cluster
+
+zarr = pytest.importorskip("zarr")
+xr = pytest.importorskip("xarray")
+
+
+def reused_total(client: Any) -> int:
+    return int(client.cluster.scheduler.plugins["storage-scheduler"].reuse.reused_total)
+
+
+def test_zarr_rewritten_in_place_is_computed_again(tmp_path: Path) -> None:
+    """A region of the array rewritten between two clusters (keys unchanged) changes what
+    is computed from it, whichever way it is read; an unchanged array is reused."""
+    url, path, xpath = str(tmp_path / "store"), str(tmp_path / "z.zarr"), str(tmp_path / "x.zarr")
+    z = zarr.open(path, mode="w", shape=(100,), chunks=(10,), dtype="i8")
+    z[:] = 1
+    data = xr.Dataset({"t": (("x", "y"), np.ones((100, 10)))}).chunk({"x": 10})
+    data.to_zarr(xpath, mode="w", consolidated=False)
+
+    def compute(client: Any) -> dict[str, int]:
+        persisted = da.from_zarr(path).persist()
+        return {
+            "from_zarr": int(da.from_zarr(path).sum().compute()),
+            "inline": int(da.from_zarr(path, inline_array=True).sum().compute()),
+            "persisted, then a graph of its own": int((persisted * 2).sum().compute()),
+            "xarray": int(xr.open_zarr(xpath, consolidated=False).t.sum().compute()),
+        }
+
+    first = {"from_zarr": 100, "inline": 100, "persisted, then a graph of its own": 200}
+    for _ in range(2):
+        with preloaded_cluster(url) as client:
+            assert compute(client) == {**first, "xarray": 1000}
+    assert reused_total(client) > 0  # the second cluster reused the unchanged array's
+
+    z[0:10] = 3  # same keys, same shape, same metadata
+    region = xr.Dataset({"t": (("x", "y"), np.full((10, 10), 5.0))})
+    region.to_zarr(xpath, region={"x": slice(0, 10)}, consolidated=False)
+    with preloaded_cluster(url) as client:
+        assert compute(client) == {
+            "from_zarr": 120,
+            "inline": 120,
+            "persisted, then a graph of its own": 240,
+            "xarray": 1400,
+        }
+
+
+@pytest.mark.parametrize("where", ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
+def test_fingerprint_follows_the_files(where: str, tmp_path: Path, request: Any) -> None:
+    """Same files, same fingerprint; one chunk rewritten with bytes of the same size, a
+    new one."""
+    options: dict[str, Any] = {}
+    if where == "local":
+        url = str(tmp_path / "z.zarr")
+    elif where == "memory":
+        url = f"memory://z-{uuid.uuid4().hex}.zarr"
+    else:
+        endpoint = request.getfixturevalue("s3_endpoint")
+        url, options = f"s3://{make_bucket(endpoint)}/z.zarr", s3_options(endpoint)
+    kwargs = {"storage_options": options} if options else {}
+    z = zarr.open(url, mode="w", shape=(40,), chunks=(10,), dtype="i8", **kwargs)
+    z[:] = 1
+    opened = zarr.open_array(url, **kwargs)
+    before = fingerprint(opened)
+    assert fingerprint(zarr.open_array(url, **kwargs)) == before
+    z[10:20] = 2  # the same size compressed as before
+    assert fingerprint(opened) != before
+
+
+def test_arrays_that_cannot_be_listed_are_never_reused() -> None:
+    array = zarr.create_array(zarr.storage.MemoryStore(), shape=(10,), dtype="i8")
+    assert fingerprint(array) != fingerprint(array)
+
+
+def graph_of(collection: Any) -> dict[Any, Any]:
+    return convert_legacy_graph(dict(collection.__dask_graph__()))
+
+
+def test_every_task_downstream_is_annotated(tmp_path: Path) -> None:
+    path = str(tmp_path / "z.zarr")
+    zarr.open(path, mode="w", shape=(40,), chunks=(10,), dtype="i8")[:] = 1
+    source = da.from_zarr(path)
+    unrelated = da.ones(40, chunks=10)
+    result = (source + 1).sum() + unrelated.sum()
+    dsk = graph_of(result)
+    annotations: dict[str, Any] = {}
+    assert annotate_sources(dsk, annotations, lambda key: None) > 0
+    found = annotations[SOURCES_ANNOTATION]
+    assert len(set(found.values())) == 1  # one array: one fingerprint, one shared tuple
+    assert (result.name,) in found
+    names = {key: key[0] if isinstance(key, tuple) else key for key in dsk}
+    assert all(key in found for key, name in names.items() if name.startswith("add"))
+    assert not any(names[key].startswith("ones") for key in found)
+
+
+def test_keys_from_earlier_graphs_pass_their_sources_on() -> None:
+    """A graph built on keys the scheduler holds (a persisted collection) is annotated
+    with their sources; a graph with no zarr array in or under it, not at all."""
+
+    def inc(x: int) -> int:
+        return x + 1
+
+    dsk = {"b": Task("b", inc, TaskRef("a")), "c": Task("c", inc, TaskRef("b"))}
+    annotations: dict[str, Any] = {}
+    held = {"a": ["f1"]}
+    assert annotate_sources(dsk, annotations, held.get) == 2
+    assert annotations[SOURCES_ANNOTATION] == {"b": ("f1",), "c": ("f1",)}
+    annotations = {}
+    assert annotate_sources(dsk, annotations, lambda key: None) == 0
+    assert annotations == {}
+    plain = {"a": DataNode("a", np.ones(3)), "b": Task("b", inc, TaskRef("a"))}
+    assert annotate_sources(plain, annotations, lambda key: None) == 0
+
+
+def test_a_cycle_ends() -> None:
+    """Distributed rejects a cyclic graph later; annotating it must not hang first."""
+
+    def inc(x: int) -> int:
+        return x + 1
+
+    dsk = {
+        "a": Task("a", inc, TaskRef("b")),
+        "b": Task("b", inc, TaskRef("a")),
+        "c": Task("c", inc, TaskRef("x")),
+    }
+    annotations: dict[str, Any] = {}
+    assert annotate_sources(dsk, annotations, {"x": ["f"]}.get) == 1
+    assert annotations[SOURCES_ANNOTATION] == {"c": ("f",)}
