@@ -190,6 +190,7 @@ async def test_lost_or_damaged_result_is_recomputed(tmp_path: Path, damage: str)
     CALLS.clear()
     async with storage_cluster(url) as (c, s, plugin):
         assert await asyncio.wait_for(c.compute(graph(5)), 30) == sum(range(2, 7))
+        assert plugin.counters.unreadable == 1  # shown as recomputed (lost or corrupt)
     assert CALLS.count("total") == 1 and len(CALLS) == 11  # recomputed, once
     assert await store.get("total", header.token) == sum(range(2, 7))  # and stored again
     store.close()

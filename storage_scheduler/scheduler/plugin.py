@@ -385,7 +385,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         cluster that shares the catalog. A key left with no holder is recomputed."""
         for key in keys:
             self.catalog.discard(key, self.lanes.tokens.get(key))
-        self.counters.unreadable += self.lanes.forget_unreadable(keys, stimulus_id)
+        loading = sum(key in self.reuse.loaders for key in keys)  # fail, then are computed
+        self.counters.unreadable += loading + self.lanes.forget_unreadable(keys, stimulus_id)
 
     def storage_info(self) -> StorageInfo:
         """What the store holds for this cluster, for clients and ``dask storage``."""

@@ -46,7 +46,8 @@ class Counters:
     stored: int = 0
     #: Bytes of the objects workers reported stored.
     stored_bytes: int = 0
-    #: Lane replicas dropped because their object could not be read.
+    #: Stored results found missing or damaged (so computed): lane replicas dropped,
+    #: and loads of requested keys that failed.
     unreadable: int = 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from storage_scheduler.store._errors import classify, is_outage
 from storage_scheduler.store._store import (
     LATENCY_BUCKETS,
+    THREAD_PREFIX,
     LatencyHistogram,
     Store,
     StoreCounters,
@@ -20,6 +21,7 @@ from storage_scheduler.store._store import (
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "THREAD_PREFIX",
     "LatencyHistogram",
     "Store",
     "StoreCounters",

@@ -45,11 +45,21 @@ from storage_scheduler.store._backends import (
 from storage_scheduler.store._counters import LATENCY_BUCKETS, LatencyHistogram, StoreCounters
 from storage_scheduler.store._retry import Retrier
 
-__all__ = ["LATENCY_BUCKETS", "MAP_MIN_BYTES", "LatencyHistogram", "Store", "StoreCounters"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAP_MIN_BYTES",
+    "THREAD_PREFIX",
+    "LatencyHistogram",
+    "Store",
+    "StoreCounters",
+]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Names of the threads that encode, decode and (local directories) write objects.
+THREAD_PREFIX = "storage-scheduler-io"
 
 #: Bytes read to find the header of an object whose name does not spell its key.
 _HEADER_PROBE = 4096
@@ -102,7 +112,7 @@ class Store:
         self.fs = fs
         self.root = root.rstrip("/")
         self._executor = ThreadPoolExecutor(
-            settings.max_concurrency, thread_name_prefix="storage-scheduler-io"
+            settings.max_concurrency, thread_name_prefix=THREAD_PREFIX
         )
         self._backend = open_backend(fs, self.root, self._executor, settings.max_concurrency)
         self.inline_max_bytes = self._backend.inline_max_bytes

@@ -42,7 +42,7 @@ from distributed.worker_state_machine import ExecuteSuccessEvent, StateMachineEv
 from storage_scheduler import _compat
 from storage_scheduler._protocol import METADATA_KEY, StoredResult, result_token
 from storage_scheduler.config import WorkerSettings
-from storage_scheduler.store import Store
+from storage_scheduler.store import THREAD_PREFIX, Store
 from storage_scheduler.worker.policy import StoragePolicy
 from storage_scheduler.worker.reader import is_loader, loader_token
 
@@ -120,6 +120,21 @@ class WriteBudget:
             self._room.set()
 
 
+class _UnpicklableResults(logging.Filter):
+    """Drops distributed's error (with a traceback) for a result that cannot be pickled
+    when the store's threads pickle it: stock Dask pickles a result only to move it, and
+    the writer logs one warning per kind of error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            (record.threadName or "").startswith(THREAD_PREFIX)
+            and str(record.msg).startswith("Failed to serialize")
+        )
+
+
+_unpicklable_results = _UnpicklableResults()
+
+
 class ResultWriter:
     """Stores the results of one worker's tasks.
 
@@ -166,6 +181,7 @@ class ResultWriter:
         self._behind = set()
         self._landed = []
         self._notifier = None
+        logging.getLogger("distributed.protocol.pickle").addFilter(_unpicklable_results)
 
     def wrap(self, original: _compat.Execute) -> _compat.Execute:
         async def execute(key: Any, *, stimulus_id: str) -> StateMachineEvent:
