@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -80,6 +81,59 @@ def test_fingerprint_follows_the_files(where: str, tmp_path: Path, request: Any)
     assert fingerprint(zarr.open_array(url, **kwargs)) == before
     z[10:20] = 2  # the same size compressed as before
     assert fingerprint(opened) != before
+
+
+@pytest.mark.s3
+def test_text_file_rewritten_on_an_object_store_is_read_again(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
+    """``read_text`` names its tasks after the file's path only on S3: rewritten, the
+    file is read again by a new cluster; unchanged, what was computed from it is reused."""
+    import dask.bag as db
+
+    options = s3_options(s3_endpoint)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    path, url = f"{make_bucket(s3_endpoint)}/lines.txt", str(tmp_path / "store")
+
+    def count(client: Any) -> int:
+        # Two files: one partition each, its tasks fused into one, stored.
+        lines = db.read_text(f"s3://{path}*", storage_options=options)
+        return int(lines.map(count_c).sum().compute())
+
+    fs.pipe(path, b"a\nbb\n")
+    fs.pipe(path + ".2", b"x\n")
+    for _ in range(2):
+        with preloaded_cluster(url) as client:
+            assert count(client) == 0
+    assert reused_total(client) == 2
+    fs.pipe(path, b"cc\nd\n")  # same size, other bytes
+    with preloaded_cluster(url) as client:
+        assert count(client) == 2 and reused_total(client) == 1
+    fs.pipe(path, b"cccc\nd\n")
+    with preloaded_cluster(url) as client:
+        assert count(client) == 4
+
+
+def count_c(line: str) -> int:
+    return line.count("c")
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_fingerprint_of_an_open_file(where: str, tmp_path: Path, request: Any) -> None:
+    if where == "local":
+        fs, path = fsspec.filesystem("file"), str(tmp_path / "f.txt")
+    else:
+        endpoint = request.getfixturevalue("s3_endpoint")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options(endpoint))
+        path = f"{make_bucket(endpoint)}/f.txt"
+    fs.pipe(path, b"one")
+    fs.pipe(path + ".other", b"two")
+    before = fingerprint(fsspec.core.OpenFile(fs, path))
+    assert fingerprint(fsspec.core.OpenFile(fs, path)) == before
+    fs.pipe(path + ".other", b"2")  # another file of the directory: no change
+    assert fingerprint(fsspec.core.OpenFile(fs, path)) == before
+    fs.pipe(path, b"eno")
+    assert fingerprint(fsspec.core.OpenFile(fs, path)) != before
 
 
 def test_arrays_that_cannot_be_listed_are_never_reused() -> None:

@@ -1,23 +1,24 @@
 """Versions of the data a graph reads, so that a stored result is not reused stale.
 
 Dask names most readers' tasks after the version of what they read (``read_parquet``,
-``read_csv`` and ``read_text`` put each file's modification time or ETag in their keys),
-so new data means new keys. Not zarr: ``da.from_zarr`` and xarray's ``open_zarr`` name
-their tasks after the array's location and metadata, and an array rewritten in place
-(``to_zarr(region=...)``, a chunk replaced) keeps every key downstream of it. The token of
-a task covers its spec and its dependencies' keys, not their data: without more, the next
-cluster would reuse results computed from the old data.
+``read_csv`` and ``read_json`` put each file's modification time or ETag in their keys),
+so new data means new keys. Not all: ``da.from_zarr`` and xarray's ``open_zarr`` name their
+tasks after the array's location and metadata, so an array rewritten in place
+(``to_zarr(region=...)``, a chunk replaced) keeps every key downstream of it; so does
+``read_text`` of a file on an object store. The token of a task covers its spec and its
+dependencies' keys, not their data: without more, the next cluster would reuse results
+computed from the old data.
 
 So, when a graph is materialized (in distributed's offload thread, see
-:func:`storage_scheduler._compat.watch_graphs`), every zarr array the graph holds is
-fingerprinted by listing its files (names, sizes, modification times or ETags), and every
-task downstream of it is annotated ``storage_sources`` with the fingerprints of the
-arrays upstream of it. The annotation travels with the task to the worker and is part of
-the token on both sides (:func:`~storage_scheduler._protocol.result_token`): a changed
-array changes the token of everything computed from it, and those results are computed
-again. Arrays whose files cannot be listed (a store of another kind) get a fingerprint
-of their own at each submission: what is computed from them is stored, but never reused
-by a later graph.
+:func:`storage_scheduler._compat.watch_graphs`), every *source* the graph holds (a zarr
+array, an fsspec ``OpenFile``) is fingerprinted by listing its files (names, sizes,
+modification times or ETags), and every task downstream of it is annotated
+``storage_sources`` with the fingerprints of the sources upstream of it. The annotation
+travels with the task to the worker and is part of the token on both sides
+(:func:`~storage_scheduler._protocol.result_token`): changed data changes the token of
+everything computed from it, and those results are computed again. Sources that cannot be
+listed (a store of another kind) get a fingerprint of their own at each submission: what
+is computed from them is stored, but never reused by a later graph.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
-from dask._task_spec import DataNode, GraphNode, Task
+from fsspec import AbstractFileSystem
+from fsspec.core import OpenFile
+from fsspec.implementations.local import LocalFileSystem
+
+from dask._task_spec import Alias, DataNode, Task, TaskRef
 
 __all__ = ["SOURCES_ANNOTATION", "annotate_sources", "fingerprint"]
 
@@ -41,30 +46,58 @@ logger = logging.getLogger(__name__)
 #: The annotation that carries the fingerprints of the data a task is computed from.
 SOURCES_ANNOTATION = "storage_sources"
 
-#: Modules whose objects hold no zarr array: not searched.
+#: Modules whose objects hold no source: not searched.
 _PLAIN_MODULES = frozenset({"builtins", "numpy", "pandas"})
 
 #: Listing fields that change when a file is rewritten, by filesystem (first found wins).
 _VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
 
 
-def _zarr_array_type() -> type | None:
-    zarr = sys.modules.get("zarr")  # a graph holding zarr arrays imported zarr to unpickle
-    return getattr(zarr, "Array", None) if zarr is not None else None
+def _source_types() -> tuple[type, ...]:
+    """Zarr arrays (if zarr is loaded: a graph holding one imported it to unpickle it) and
+    fsspec's open files (``read_text``, ``read_bytes``, ``open_files``)."""
+    zarr = sys.modules.get("zarr")
+    array = getattr(zarr, "Array", None) if zarr is not None else None
+    return (OpenFile,) if array is None else (OpenFile, array)
 
 
-def fingerprint(array: Any) -> str:
-    """A string that changes whenever a file of the zarr ``array`` changes.
+def fingerprint(source: Any) -> str:
+    """A string that changes whenever the data of ``source`` changes: a zarr array (all
+    of its files) or an fsspec ``OpenFile``.
 
-    Lists the array's files (one listing: ``os.scandir`` on a local directory, LIST
-    requests on an object store). An array in a store whose files cannot be listed gets
-    a random fingerprint: nothing computed from it is reused.
+    One listing: ``os.scandir`` on a local directory, LIST requests on an object store. A
+    source that cannot be listed gets a random fingerprint: nothing computed from it is
+    reused.
     """
-    try:
-        where, entries = _listing(array)
-    except Exception as e:
-        logger.info("Cannot list the files of %r (%s): results from it are not reused", array, e)
-        return "unlisted-" + uuid.uuid4().hex
+    return fingerprints([source])[id(source)]
+
+
+def fingerprints(sources: Iterable[Any]) -> dict[int, str]:
+    """:func:`fingerprint` of each source, by ``id``: open files in one directory share
+    one listing of it."""
+    out: dict[int, str] = {}
+    listings: dict[tuple[int, str], tuple[str, dict[str, dict[str, Any]]]] = {}
+    for source in sources:
+        if id(source) in out:
+            continue
+        try:
+            if isinstance(source, OpenFile):
+                parent = source.fs._parent(source.path)
+                if (id(source.fs), parent) not in listings:
+                    listings[id(source.fs), parent] = (parent, _files_of(source.fs, parent, 1))
+                _, files = listings[id(source.fs), parent]
+                where, entries = source.path, {source.path: files[source.path]}
+            else:
+                where, entries = _array_files(source)
+        except Exception as e:
+            logger.info("Cannot list %r (%s): what is computed from it is not reused", source, e)
+            out[id(source)] = "unlisted-" + uuid.uuid4().hex
+            continue
+        out[id(source)] = _digest(where, entries)
+    return out
+
+
+def _digest(where: str, entries: Mapping[str, Mapping[str, Any]]) -> str:
     digest = hashlib.sha256(where.encode())
     for name, info in sorted(entries.items()):
         version = next((info[f] for f in _VERSION_FIELDS if info.get(f) is not None), None)
@@ -74,9 +107,8 @@ def fingerprint(array: Any) -> str:
     return digest.hexdigest()[:32]
 
 
-def _listing(array: Any) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The array's location and its files' details, as fsspec's ``find`` gives them."""
-    from fsspec.implementations.local import LocalFileSystem
+def _array_files(array: Any) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The zarr array's location and its files' details."""
     from zarr.core.sync import sync
     from zarr.storage import FsspecStore, LocalStore
 
@@ -86,36 +118,47 @@ def _listing(array: Any) -> tuple[str, dict[str, dict[str, Any]]]:
         return where, _local_files(where)
     if isinstance(store, FsspecStore):
         where = f"{store.path}/{path}".rstrip("/")
-        if isinstance(getattr(store.fs, "sync_fs", store.fs), LocalFileSystem):
-            return where, _local_files(where)
+        fs = getattr(store.fs, "sync_fs", None)
+        if fs is not None:  # a synchronous filesystem wrapped for zarr
+            return where, _files_of(fs, where)
         return where, sync(store.fs._find(where, detail=True))
     raise TypeError(f"a {type(store).__name__} cannot be listed")
 
 
-def _local_files(root: str) -> dict[str, dict[str, Any]]:
+def _files_of(
+    fs: AbstractFileSystem, where: str, maxdepth: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """The files under ``where`` with their details, as fsspec's ``find`` gives them,
+    never from a listings cache."""
+    if isinstance(fs, LocalFileSystem):
+        return _local_files(where, maxdepth)
+    fs.invalidate_cache(where)
+    found: dict[str, dict[str, Any]] = fs.find(where, maxdepth=maxdepth, detail=True)
+    return found
+
+
+def _local_files(root: str, maxdepth: int | None = None) -> dict[str, dict[str, Any]]:
     """Every file under ``root`` with its size, inode and modification time: ``scandir``
-    and one ``stat`` a file (fsspec's ``find`` costs ten times as much)."""
+    and one ``stat`` a file (fsspec's ``find`` costs four times as much)."""
     files: dict[str, dict[str, Any]] = {}
-    pending = [root]
+    pending = [(root, 1)]
     while pending:
-        with os.scandir(pending.pop()) as entries:
+        directory, depth = pending.pop()
+        with os.scandir(directory) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-                else:
-                    st = entry.stat()
-                    files[entry.path] = {
-                        "size": st.st_size,
-                        "ino": st.st_ino,
-                        "mtime": st.st_mtime_ns,
-                    }
+                    if maxdepth is None or depth < maxdepth:
+                        pending.append((entry.path, depth + 1))
+                    continue
+                st = entry.stat()
+                files[entry.path] = {"size": st.st_size, "ino": st.st_ino, "mtime": st.st_mtime_ns}
     return files
 
 
-def _arrays_in(value: object, array_type: type) -> list[Any]:
-    """The zarr arrays ``value`` holds, found by pickling it without copying its buffers
-    (an xarray variable wraps its array in several adapters)."""
-    if isinstance(value, array_type):
+def _sources_in(value: object, types: tuple[type, ...]) -> list[Any]:
+    """The sources ``value`` holds, found by pickling it without copying its buffers (an
+    xarray variable wraps its zarr array in several adapters)."""
+    if isinstance(value, types):
         return [value]
     if type(value).__module__.partition(".")[0] in _PLAIN_MODULES:
         return []
@@ -123,7 +166,7 @@ def _arrays_in(value: object, array_type: type) -> list[Any]:
 
     class Finder(pickle.Pickler):
         def reducer_override(self, obj: object) -> Any:
-            if isinstance(obj, array_type):
+            if isinstance(obj, types):
                 found.append(obj)
                 return str, ()  # what it holds is not searched
             return NotImplemented
@@ -135,21 +178,33 @@ def _arrays_in(value: object, array_type: type) -> list[Any]:
     return found
 
 
-def _held_arrays(node: GraphNode, array_type: type) -> list[Any]:
-    """Zarr arrays in a graph node: a data node's value, or a task's direct arguments
-    (``inline_array=True``)."""
-    if isinstance(node, DataNode):
-        return _arrays_in(node.value, array_type)
-    if isinstance(node, Task):
-        values = list(node.args) + list(node.kwargs.values())
-        return [
-            a for v in values if isinstance(v, DataNode | array_type) for a in _held(v, array_type)
-        ]
-    return []
+#: Argument types that hold no source (most of every graph): skipped at once.
+_LEAVES = frozenset({TaskRef, str, int, float, bool, bytes, type(None), slice, Alias})
 
 
-def _held(value: Any, array_type: type) -> list[Any]:
-    return _arrays_in(value.value if isinstance(value, DataNode) else value, array_type)
+def _held_sources(node: Any, types: tuple[type, ...]) -> list[Any]:
+    """Sources in a graph node: a data node's value, or a task's arguments, those of the
+    tasks fused into it included (an open file, a zarr array with ``inline_array=True``)."""
+    found: list[Any] = []
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        kind = type(node)
+        if kind in _LEAVES:
+            continue
+        if isinstance(node, Task):  # a nested container is one too
+            pending += node.args
+            if node.kwargs:
+                pending += node.kwargs.values()
+        elif kind is tuple or kind is list:
+            pending += node
+        elif kind is dict:  # a fused task's subgraph
+            pending += node.values()
+        elif kind is DataNode:
+            found += _sources_in(node.value, types)
+        elif isinstance(node, types):
+            found.append(node)
+    return found
 
 
 def annotate_sources(
@@ -157,37 +212,32 @@ def annotate_sources(
     annotations: MutableMapping[str, Any],
     existing: Callable[[Any], Iterable[str] | None],
 ) -> int:
-    """Annotate the tasks of a materialized graph with the fingerprints of the zarr
-    arrays upstream of them; return how many were annotated.
+    """Annotate the tasks of a materialized graph with the fingerprints of the sources
+    upstream of them; return how many were annotated.
 
     ``existing`` gives the fingerprints of a key outside the graph (a task the scheduler
     holds from an earlier graph), or None.
     """
-    array_type = _zarr_array_type()
-    seeds: dict[Any, frozenset[str]] = {}
-    if array_type is not None:
-        memo: dict[int, str] = {}
-        for key, node in dsk.items():
-            arrays = _held_arrays(node, array_type) if isinstance(node, GraphNode) else []
-            if arrays:
-                seeds[key] = frozenset(
-                    memo[id(a)] if id(a) in memo else memo.setdefault(id(a), fingerprint(a))
-                    for a in arrays
-                )
+    types = _source_types()
+    held: dict[Any, list[Any]] = {}
     outside: dict[Any, frozenset[str]] = {}
-    for node in dsk.values():
-        for dep in getattr(node, "dependencies", ()):
+    for key, node in dsk.items():  # one pass, ~1 us a task
+        found = _held_sources(node, types)
+        if found:
+            held[key] = found
+        for dep in node.dependencies:
             if dep not in dsk and dep not in outside:
-                known = existing(dep)
-                outside[dep] = frozenset(known or ())
+                outside[dep] = frozenset(existing(dep) or ())
+    ids = fingerprints(source for found in held.values() for source in found)
+    seeds = {key: frozenset(ids[id(source)] for source in found) for key, found in held.items()}
     if not seeds and not any(outside.values()):
         return 0
-    found = _propagate(dsk, seeds, outside)
+    upstream = _propagate(dsk, seeds, outside)
     target = annotations.setdefault(SOURCES_ANNOTATION, {})
     interned: dict[frozenset[str], tuple[str, ...]] = {}
     annotated = 0
     for key in dsk:
-        fps = found[key]
+        fps = upstream[key]
         if fps:
             target[key] = interned.setdefault(fps, tuple(sorted(fps)))
             annotated += 1
