@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ import pytest
 import dask.array as da
 from dask._task_spec import DataNode, Task, TaskRef, convert_legacy_graph
 
+from storage_scheduler.scheduler import sources
 from storage_scheduler.scheduler.sources import SOURCES_ANNOTATION, annotate_sources, fingerprint
 from tests.conftest import make_bucket, s3_options
+from tests.faulty_fs import FaultyFileSystem
 from tests.utils import preloaded_cluster
 
 zarr = pytest.importorskip("zarr")
@@ -134,6 +137,22 @@ def test_fingerprint_of_an_open_file(where: str, tmp_path: Path, request: Any) -
     assert fingerprint(fsspec.core.OpenFile(fs, path)) == before
     fs.pipe(path, b"eno")
     assert fingerprint(fsspec.core.OpenFile(fs, path)) != before
+
+
+def test_a_listing_that_hangs_does_not_hold_the_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source the scheduler cannot reach (its store stalls) is taken as new after
+    ``LISTING_TIMEOUT``; sources listed in time keep their fingerprints."""
+    monkeypatch.setattr(sources, "LISTING_TIMEOUT", 0.5)
+    (tmp_path / "f.txt").write_bytes(b"data")
+    stalled = fsspec.core.OpenFile(FaultyFileSystem(latency=30), str(tmp_path / "f.txt"))
+    fine = fsspec.core.OpenFile(fsspec.filesystem("file"), str(tmp_path / "f.txt"))
+    start = time.monotonic()
+    found = sources.fingerprints([stalled, fine])
+    assert time.monotonic() - start < 5
+    assert found[id(stalled)].startswith("unlisted-")
+    assert found[id(fine)] == fingerprint(fine)
 
 
 def test_arrays_that_cannot_be_listed_are_never_reused() -> None:

@@ -29,8 +29,10 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from functools import partial
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -48,6 +50,12 @@ SOURCES_ANNOTATION = "storage_sources"
 
 #: Modules whose objects hold no source: not searched.
 _PLAIN_MODULES = frozenset({"builtins", "numpy", "pandas"})
+
+#: Seconds that listing a graph's sources may take; sources not listed by then are taken
+#: as new (nothing computed from them is reused), and the graph goes on.
+LISTING_TIMEOUT = 30.0
+#: Listings at a time.
+LISTERS = 8
 
 #: Listing fields that change when a file is rewritten, by filesystem (first found wins).
 _VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
@@ -74,27 +82,68 @@ def fingerprint(source: Any) -> str:
 
 def fingerprints(sources: Iterable[Any]) -> dict[int, str]:
     """:func:`fingerprint` of each source, by ``id``: open files in one directory share
-    one listing of it."""
+    one listing of it; listings run side by side, for at most :data:`LISTING_TIMEOUT`."""
+    unique = {id(source): source for source in sources}
+    jobs: dict[Any, Callable[[], Any]] = {}
+    for source in unique.values():
+        if isinstance(source, OpenFile):
+            fs, parent = source.fs, source.fs._parent(source.path)
+            jobs.setdefault((id(fs), parent), partial(_files_of, fs, parent, 1))
+        else:
+            jobs[id(source)] = partial(_array_files, source)
+    listed = _run_all(jobs, LISTING_TIMEOUT)
     out: dict[int, str] = {}
-    listings: dict[tuple[int, str], tuple[str, dict[str, dict[str, Any]]]] = {}
-    for source in sources:
-        if id(source) in out:
-            continue
+    for key, source in unique.items():
         try:
             if isinstance(source, OpenFile):
-                parent = source.fs._parent(source.path)
-                if (id(source.fs), parent) not in listings:
-                    listings[id(source.fs), parent] = (parent, _files_of(source.fs, parent, 1))
-                _, files = listings[id(source.fs), parent]
-                where, entries = source.path, {source.path: files[source.path]}
+                found = listed[id(source.fs), source.fs._parent(source.path)]
+                if isinstance(found, BaseException):
+                    raise found
+                where, entries = source.path, {source.path: found[source.path]}
             else:
-                where, entries = _array_files(source)
+                found = listed[key]
+                if isinstance(found, BaseException):
+                    raise found
+                where, entries = found
         except Exception as e:
-            logger.info("Cannot list %r (%s): what is computed from it is not reused", source, e)
-            out[id(source)] = "unlisted-" + uuid.uuid4().hex
-            continue
-        out[id(source)] = _digest(where, entries)
+            logger.info("Cannot list %r (%r): what is computed from it is not reused", source, e)
+            out[key] = "unlisted-" + uuid.uuid4().hex
+        else:
+            out[key] = _digest(where, entries)
     return out
+
+
+def _run_all(jobs: Mapping[Any, Callable[[], Any]], timeout: float) -> dict[Any, Any]:
+    """The result (or exception) of each job, run by up to :data:`LISTERS` daemon threads:
+    a listing that hangs (a store the scheduler cannot reach) gets a ``TimeoutError``
+    instead, and its thread never keeps the process from exiting."""
+    if not jobs:
+        return {}
+    pending, results = list(jobs.items()), {}
+    lock, finished = threading.Lock(), threading.Event()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                key, job = pending.pop()
+            try:
+                result = job()
+            except Exception as e:
+                result = e
+            with lock:
+                results[key] = result
+                if len(results) == len(jobs):
+                    finished.set()
+
+    for _ in range(min(LISTERS, len(jobs))):
+        threading.Thread(target=work, name="storage-scheduler-sources", daemon=True).start()
+    finished.wait(timeout)
+    with lock:
+        pending.clear()
+        late = TimeoutError(f"no listing within {timeout:g} s")
+        return {key: results.get(key, late) for key in jobs}
 
 
 def _digest(where: str, entries: Mapping[str, Mapping[str, Any]]) -> str:
