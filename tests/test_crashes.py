@@ -416,8 +416,9 @@ def test_sigkill_scheduler_mid_compaction(moment: str, tmp_path: Path) -> None:
         proc.wait()
     left = len([n for n in os.listdir(manifest) if ".tmp-" not in n])
     # Killed mid-compaction: (some of) the segments it replaces are still there, beside the
-    # snapshot or its partial write.
-    assert 1 < left <= SEGMENTS + 1, left
+    # snapshot or its partial write. Their 400 unlinks take a few milliseconds: on a busy
+    # machine the kill can land after the last one (then only the snapshot is left).
+    assert 1 <= left <= SEGMENTS + 1, left
     assert in_store(url, options, cataloged) == expected
 
     # A scheduler that is not killed starts normally on what it left, and compacts it.
