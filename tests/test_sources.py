@@ -200,6 +200,21 @@ def test_keys_from_earlier_graphs_pass_their_sources_on() -> None:
     assert annotate_sources(plain, annotations, lambda key: None) == 0
 
 
+def test_a_task_the_scheduler_has_keeps_its_sources(tmp_path: Path) -> None:
+    """A key submitted again while the scheduler holds it (persisted) is not computed
+    again: what is computed from it in the new graph is from the data it was read with,
+    even if its file changed since."""
+    (tmp_path / "f.txt").write_bytes(b"new data")
+    source = fsspec.core.OpenFile(fsspec.filesystem("file"), str(tmp_path / "f.txt"))
+    dsk = {"read": Task("read", len, source), "b": Task("b", len, TaskRef("read"))}
+    annotations: dict[str, Any] = {}
+    assert annotate_sources(dsk, annotations, {"read": ("when-persisted",)}.get) == 2
+    assert annotations[SOURCES_ANNOTATION]["b"] == ("when-persisted",)
+    annotations = {}
+    annotate_sources(dsk, annotations, lambda key: None)
+    assert annotations[SOURCES_ANNOTATION]["b"] == (fingerprint(source),)
+
+
 def test_a_cycle_ends() -> None:
     """Distributed rejects a cyclic graph later; annotating it must not hang first."""
 

@@ -397,8 +397,8 @@ class StorageSchedulerPlugin(SchedulerPlugin):
         return status.storage_status(self)
 
 
-def _sources_of(scheduler: Scheduler, key: Any) -> list[str] | None:
-    """The data versions a task the scheduler has is computed from (read from the
-    offload thread that materializes graphs: one dict lookup, atomic)."""
+def _sources_of(scheduler: Scheduler, key: Any) -> Sequence[str] | None:
+    """The data versions a task the scheduler has is computed from; None if it has no
+    such task (read from the offload thread that materializes graphs: dict lookups)."""
     ts = scheduler.tasks.get(key)
-    return None if ts is None else (ts.annotations or {}).get(SOURCES_ANNOTATION)
+    return None if ts is None else (ts.annotations or {}).get(SOURCES_ANNOTATION, ())

@@ -264,13 +264,19 @@ def annotate_sources(
     """Annotate the tasks of a materialized graph with the fingerprints of the sources
     upstream of them; return how many were annotated.
 
-    ``existing`` gives the fingerprints of a key outside the graph (a task the scheduler
-    holds from an earlier graph), or None.
+    ``existing`` gives the fingerprints of a task the scheduler already has (from an
+    earlier graph), None for a key it does not have. Such a task keeps its own: it is not
+    computed again for this graph, and its result (in memory, or to come) is from the data
+    it was submitted with.
     """
     types = _source_types()
     held: dict[Any, list[Any]] = {}
     outside: dict[Any, frozenset[str]] = {}
-    for key, node in dsk.items():  # one pass, ~1 us a task
+    for key, node in dsk.items():  # one pass, ~1.5 us a task
+        before = existing(key)
+        if before is not None:
+            outside[key] = frozenset(before)
+            continue
         found = _held_sources(node, types)
         if found:
             held[key] = found
