@@ -11,6 +11,7 @@ import fsspec
 import numpy as np
 import pytest
 
+import dask
 import dask.array as da
 from dask._task_spec import DataNode, Task, TaskRef, convert_legacy_graph
 
@@ -115,6 +116,32 @@ def test_text_file_rewritten_on_an_object_store_is_read_again(
     fs.pipe(path, b"cccc\nd\n")
     with preloaded_cluster(url) as client:
         assert count(client) == 4
+
+
+def test_files_named_by_arguments_are_sources(tmp_path: Path) -> None:
+    """``from_npy_stack`` and a pure delayed function given a path name their tasks after
+    the path: the file's version is part of the token; a directory is not a source."""
+    url, stack, single = str(tmp_path / "store"), str(tmp_path / "stack"), tmp_path / "one.npy"
+    load = dask.delayed(np.load, pure=True)
+
+    def compute(client: Any) -> tuple[int, int]:
+        return (
+            int(da.from_npy_stack(stack).sum().compute()),
+            int(load(str(single)).sum().compute()),
+        )
+
+    da.to_npy_stack(stack, da.ones(40, chunks=10, dtype="i8"))
+    np.save(single, np.arange(4))
+    for _ in range(2):
+        with preloaded_cluster(url) as client:
+            assert compute(client) == (40, 6)
+    assert reused_total(client) > 0
+    da.to_npy_stack(stack, da.ones(40, chunks=10, dtype="i8") * 2)
+    np.save(single, np.arange(5))
+    with preloaded_cluster(url) as client:
+        assert compute(client) == (80, 10)
+    assert sources._path_version(str(tmp_path)) is None
+    assert sources._path_version(str(tmp_path / "missing")) is None
 
 
 def count_c(line: str) -> int:

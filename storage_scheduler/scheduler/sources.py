@@ -11,8 +11,9 @@ computed from the old data.
 
 So, when a graph is materialized (in distributed's offload thread, see
 :func:`storage_scheduler._compat.watch_graphs`), every *source* the graph holds (a zarr
-array, an fsspec ``OpenFile``) is fingerprinted by listing its files (names, sizes,
-modification times or ETags), and every task downstream of it is annotated
+array, an fsspec ``OpenFile``, an absolute path of a local file given as an argument:
+``from_npy_stack``, ``from_map`` over paths) is fingerprinted by listing its files, or a
+``stat`` of the path (names, sizes, modification times or ETags), and every task downstream of it is annotated
 ``storage_sources`` with the fingerprints of the sources upstream of it. The annotation
 travels with the task to the worker and is part of the token on both sides
 (:func:`~storage_scheduler._protocol.result_token`): changed data changes the token of
@@ -28,6 +29,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import sys
 import threading
 import uuid
@@ -228,12 +230,26 @@ def _sources_in(value: object, types: tuple[type, ...]) -> list[Any]:
 
 
 #: Argument types that hold no source (most of every graph): skipped at once.
-_LEAVES = frozenset({TaskRef, str, int, float, bool, bytes, type(None), slice, Alias})
+_LEAVES = frozenset({TaskRef, int, float, bool, bytes, type(None), slice, Alias})
+
+
+def _path_version(path: str) -> str | None:
+    """The fingerprint of the local file a task argument names (``from_map`` over paths,
+    ``from_npy_stack``, a delayed function given a path), None if it names no regular
+    file: directories change as outputs are written into them, and are not sources."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return _digest(path, {path: {"size": st.st_size, "ino": st.st_ino, "mtime": st.st_mtime_ns}})
 
 
 def _held_sources(node: Any, types: tuple[type, ...]) -> list[Any]:
     """Sources in a graph node: a data node's value, or a task's arguments, those of the
-    tasks fused into it included (an open file, a zarr array with ``inline_array=True``)."""
+    tasks fused into it included (an open file, a zarr array with ``inline_array=True``,
+    an absolute path: a string)."""
     found: list[Any] = []
     pending = [node]
     while pending:
@@ -241,7 +257,10 @@ def _held_sources(node: Any, types: tuple[type, ...]) -> list[Any]:
         kind = type(node)
         if kind in _LEAVES:
             continue
-        if isinstance(node, Task):  # a nested container is one too
+        if kind is str:
+            if node.startswith("/"):
+                found.append(node)
+        elif isinstance(node, Task):  # a nested container is one too
             pending += node.args
             if node.kwargs:
                 pending += node.kwargs.values()
@@ -250,7 +269,10 @@ def _held_sources(node: Any, types: tuple[type, ...]) -> list[Any]:
         elif kind is dict:  # a fused task's subgraph
             pending += node.values()
         elif kind is DataNode:
-            found += _sources_in(node.value, types)
+            if type(node.value) is str:
+                pending.append(node.value)
+            else:
+                found += _sources_in(node.value, types)
         elif isinstance(node, types):
             found.append(node)
     return found
@@ -283,8 +305,22 @@ def annotate_sources(
         for dep in node.dependencies:
             if dep not in dsk and dep not in outside:
                 outside[dep] = frozenset(existing(dep) or ())
-    ids = fingerprints(source for found in held.values() for source in found)
-    seeds = {key: frozenset(ids[id(source)] for source in found) for key, found in held.items()}
+    ids = fingerprints(s for found in held.values() for s in found if type(s) is not str)
+    paths: dict[str, str | None] = {}
+    seeds: dict[Any, frozenset[str]] = {}
+    for key, found in held.items():
+        versions: set[str] = set()
+        for source in found:
+            if type(source) is str:
+                if source not in paths:
+                    paths[source] = _path_version(source)
+                version = paths[source]
+            else:
+                version = ids[id(source)]
+            if version is not None:
+                versions.add(version)
+        if versions:
+            seeds[key] = frozenset(versions)
     if not seeds and not any(outside.values()):
         return 0
     upstream = _propagate(dsk, seeds, outside)
