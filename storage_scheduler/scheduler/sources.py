@@ -13,9 +13,10 @@ So, when a graph is materialized (in distributed's offload thread, see
 :func:`storage_scheduler._compat.watch_graphs`), every *source* the graph holds (a zarr
 array, an fsspec ``OpenFile``, an absolute path of a local file given as an argument:
 ``from_npy_stack``, ``from_map`` over paths) is fingerprinted by listing its files, or a
-``stat`` of the path (names, sizes, modification times or ETags), and every task downstream of it is annotated
-``storage_sources`` with the fingerprints of the sources upstream of it. The annotation
-travels with the task to the worker and is part of the token on both sides
+``stat`` of the path (names, sizes, modification times or ETags), and every task
+downstream of it is annotated ``storage_sources`` with the fingerprints of the sources
+upstream of it. The annotation travels with the task to the worker and is part of the
+token on both sides
 (:func:`~storage_scheduler._protocol.result_token`): changed data changes the token of
 everything computed from it, and those results are computed again. Sources that cannot be
 listed (a store of another kind) get a fingerprint of their own at each submission: what
@@ -95,6 +96,7 @@ def fingerprints(sources: Iterable[Any]) -> dict[int, str]:
             jobs[id(source)] = partial(_array_files, source)
     listed = _run_all(jobs, LISTING_TIMEOUT)
     out: dict[int, str] = {}
+    failed: list[tuple[Any, Exception]] = []
     for key, source in unique.items():
         try:
             if isinstance(source, OpenFile):
@@ -108,10 +110,17 @@ def fingerprints(sources: Iterable[Any]) -> dict[int, str]:
                     raise found
                 where, entries = found
         except Exception as e:
-            logger.info("Cannot list %r (%r): what is computed from it is not reused", source, e)
+            failed.append((source, e))
             out[key] = "unlisted-" + uuid.uuid4().hex
         else:
             out[key] = _digest(where, entries)
+    if failed:
+        logger.warning(
+            "Cannot tell the version of %d data sources of a new graph (%r: %r): results "
+            "computed from them are stored but not reused",
+            len(failed),
+            *failed[0],
+        )
     return out
 
 
