@@ -182,7 +182,7 @@ class TaskTokens:
         self._ahead: dict[int, tuple[Any, Any, str, float]] = {}
 
     def own(self, ts: PlannedTask) -> str:
-        spec, salt = ts.run_spec, _salt_of(ts.annotations or {})
+        spec, salt = ts.run_spec, _salt_of(ts.annotations)
         ahead = self._ahead.pop(id(spec), None)
         if ahead is not None and ahead[0] is spec and ahead[1] == salt:
             return ahead[2]
@@ -279,9 +279,15 @@ class TaskTokens:
 _SALTS = ("storage_version", SOURCES_ANNOTATION)
 
 
-def _salt_of(annotations: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What of a task's annotations its token depends on, to compare."""
-    return tuple(annotations.get(a) for a in _SALTS)
+def _salt_of(annotations: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """What of a task's annotations its token depends on, to compare (per stored key
+    planned: no loop)."""
+    if not annotations:
+        return _NO_SALT
+    return (annotations.get("storage_version"), annotations.get(SOURCES_ANNOTATION))
+
+
+_NO_SALT = (None, None)
 
 
 @contextmanager
