@@ -368,13 +368,17 @@ def downstream(x: int) -> int:
     return x + 1
 
 
+@pytest.mark.parametrize("durability", ["write-through", "write-behind"])
 @pytest.mark.parametrize("lineage", [False, True])
 @gen_test(timeout=60)
-async def test_lineage_option(tmp_path: Path, lineage: bool) -> None:
-    """An upstream task edited under the same key: only lineage tokens notice it."""
+async def test_lineage_option(tmp_path: Path, lineage: bool, durability: str) -> None:
+    """An upstream task edited under the same key: only lineage tokens notice it. With
+    write-behind, a write lands after its key was released: its lineage is recorded all
+    the same."""
     url = str(tmp_path / "store")
     CALLS.clear()
-    with dask.config.set({"storage-scheduler.lineage": lineage}):
+    config = {"storage-scheduler.lineage": lineage, "storage-scheduler.durability": durability}
+    with dask.config.set(config):
         for up, repeat in [(upstream_a, 0), (upstream_a, 1), (upstream_b, 2)]:
             async with storage_cluster(url) as (c, s, plugin):
                 d = delayed(downstream)(delayed(up)(dask_key_name="up"), dask_key_name="down")

@@ -49,13 +49,16 @@ def handle_stored(
     notification that comes after the key was released, forgotten or recomputed adds no
     replica; the object is still a valid result of its token, recorded in the catalog,
     and deleted like any intermediate if nothing holds the key any more (kept if a client
-    had asked for it).
+    had asked for it). Its lineage token is recorded if the task is still the one that
+    ran (released since, not run again): with write-behind most writes land after their
+    key was released, and without a lineage the result could never be reused.
     """
     ts = plugin.scheduler.tasks.get(key)
     current = is_current(ts, run_id)
     if current and ts is not None:
         plugin.lanes.add(ts, stored.get("token"))
-    plugin.record(key, ts if current else None, stored)
+    same_run = ts is not None and _compat.task_run_id(ts) == run_id
+    plugin.record(key, ts if same_run else None, stored)
     if not current and (ts is None or ts.state in ("released", "forgotten", "erred")):
         plugin.retention.dropped(key, stored.get("token"))
 
