@@ -192,6 +192,11 @@ class _Hasher:
             self.feed("module", v.__name__, _module_version(v.__name__))
         elif callable(v):
             self.function(v)
+        elif type(v).__name__ == "Array" and type(v).__module__.startswith("zarr."):
+            # A zarr array is a handle on data elsewhere: its location and metadata, not
+            # its pickled state, which changes as the array is used (its data's version
+            # is the ``storage_sources`` annotation's: see scheduler/sources.py).
+            self.feed("zarr", repr(v.store), str(v.path), repr(v.metadata))
         else:
             # Arrays, frames and other data: dask's own deterministic token. An object
             # dask cannot tokenize deterministically gets a random one: never reused.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 import uuid
 from pathlib import Path
@@ -14,12 +15,14 @@ import pytest
 import dask
 import dask.array as da
 from dask._task_spec import DataNode, Task, TaskRef, convert_legacy_graph
+from distributed import Client, LocalCluster
 
 from storage_scheduler.scheduler import sources
 from storage_scheduler.scheduler.sources import SOURCES_ANNOTATION, annotate_sources, fingerprint
+from storage_scheduler.tokens import task_token
 from tests.conftest import make_bucket, s3_options
 from tests.faulty_fs import FaultyFileSystem
-from tests.utils import preloaded_cluster
+from tests.utils import preload_kwargs, preloaded_cluster
 
 zarr = pytest.importorskip("zarr")
 xr = pytest.importorskip("xarray")
@@ -180,6 +183,40 @@ def test_a_listing_that_hangs_does_not_hold_the_graph(
     assert time.monotonic() - start < 5
     assert found[id(stalled)].startswith("unlisted-")
     assert found[id(fine)] == fingerprint(fine)
+
+
+def test_a_zarr_array_has_one_token_wherever_it_is_unpickled(tmp_path: Path) -> None:
+    """The token of a zarr array is its location and metadata: its pickled state differs
+    between the client's, the scheduler's and a worker's copies."""
+    path = str(tmp_path / "z.zarr")
+    zarr.open(path, mode="w", shape=(40,), chunks=(10,), dtype="i8")[:] = 1
+    array = da.from_zarr(path).dask[f"original-{da.from_zarr(path).name}"]
+    copy = pickle.loads(pickle.dumps(array))
+    assert task_token(DataNode("a", array)) == task_token(DataNode("a", copy))
+    other = zarr.open(str(tmp_path / "other.zarr"), mode="w", shape=(40,), chunks=(10,), dtype="i8")
+    assert task_token(DataNode("a", array)) != task_token(DataNode("a", other))
+
+
+def test_lineage_reuses_what_is_computed_from_zarr(tmp_path: Path) -> None:
+    """With ``lineage: true``, on clusters whose workers are processes (the tokens of
+    the array's data node, recorded on one cluster, wanted on the next)."""
+    url, path = str(tmp_path / "store"), str(tmp_path / "z.zarr")
+    zarr.open(path, mode="w", shape=(40,), chunks=(10,), dtype="i8")[:] = 1
+    reused = []
+    with dask.config.set({"storage-scheduler.lineage": True}):
+        for _ in range(2):
+            with (
+                LocalCluster(
+                    n_workers=1,
+                    processes=True,
+                    dashboard_address=":0",
+                    scheduler_kwargs=preload_kwargs(url, {}),
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                assert int(da.from_zarr(path).sum().compute()) == 40
+                reused.append(reused_total(client))
+    assert reused[0] == 0 and reused[1] > 0
 
 
 def test_arrays_that_cannot_be_listed_are_never_reused() -> None:
