@@ -15,14 +15,13 @@ import pytest
 import dask
 import dask.array as da
 from dask._task_spec import DataNode, Task, TaskRef, convert_legacy_graph
-from distributed import Client, LocalCluster
 
 from storage_scheduler.scheduler import sources
 from storage_scheduler.scheduler.sources import SOURCES_ANNOTATION, annotate_sources, fingerprint
 from storage_scheduler.tokens import task_token
 from tests.conftest import make_bucket, s3_options
 from tests.faulty_fs import FaultyFileSystem
-from tests.utils import preload_kwargs, preloaded_cluster
+from tests.utils import preloaded_cluster
 
 zarr = pytest.importorskip("zarr")
 xr = pytest.importorskip("xarray")
@@ -205,15 +204,7 @@ def test_lineage_reuses_what_is_computed_from_zarr(tmp_path: Path) -> None:
     reused = []
     with dask.config.set({"storage-scheduler.lineage": True}):
         for _ in range(2):
-            with (
-                LocalCluster(
-                    n_workers=1,
-                    processes=True,
-                    dashboard_address=":0",
-                    scheduler_kwargs=preload_kwargs(url, {}),
-                ) as cluster,
-                Client(cluster) as client,
-            ):
+            with preloaded_cluster(url, processes=True) as client:
                 assert int(da.from_zarr(path).sum().compute()) == 40
                 reused.append(reused_total(client))
     assert reused[0] == 0 and reused[1] > 0

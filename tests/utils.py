@@ -172,12 +172,13 @@ async def storage_cluster(
 
 
 @contextlib.contextmanager
-def preloaded_cluster(url: str) -> Iterator[Client]:
-    """A synchronous in-process cluster started with the preload (``.compute()`` works)."""
+def preloaded_cluster(url: str, processes: bool = False) -> Iterator[Client]:
+    """A synchronous cluster of one worker (in-process unless ``processes``), started with
+    the preload (``.compute()`` works)."""
     with (
         LocalCluster(
             n_workers=1,
-            processes=False,
+            processes=processes,
             dashboard_address=":0",
             scheduler_kwargs=preload_kwargs(url, {}),
         ) as cluster,
