@@ -16,10 +16,10 @@ array, an fsspec ``OpenFile``, an absolute path of a local file given as an argu
 ``stat`` of the path (names, sizes, modification times or ETags), and every task
 downstream of it is annotated ``storage_sources`` with the fingerprints of the sources
 upstream of it. The annotation travels with the task to the worker and is part of the
-token on both sides
-(:func:`~storage_scheduler._protocol.result_token`): changed data changes the token of
-everything computed from it, and those results are computed again. Sources that cannot be
-listed (a store of another kind) get a fingerprint of their own at each submission: what
+token on both sides (:func:`~storage_scheduler._protocol.result_token`): changed data
+changes the token of everything computed from it, and those results are computed again.
+Sources that cannot be listed (a store of another kind, one the scheduler cannot reach
+within :data:`LISTING_TIMEOUT`) get a fingerprint of their own at each submission: what
 is computed from them is stored, but never reused by a later graph.
 """
 
@@ -74,7 +74,7 @@ def _source_types() -> tuple[type, ...]:
 
 def fingerprint(source: Any) -> str:
     """A string that changes whenever the data of ``source`` changes: a zarr array (all
-    of its files) or an fsspec ``OpenFile``.
+    of its files) or an fsspec ``OpenFile`` (its file).
 
     One listing: ``os.scandir`` on a local directory, LIST requests on an object store. A
     source that cannot be listed gets a random fingerprint: nothing computed from it is
