@@ -42,6 +42,12 @@ async def test_misspelled_protocol() -> None:
         Store.from_url("s4://bucket/prefix")
 
 
+@pytest.mark.parametrize("url", ["s3://", "s3:///"])
+async def test_object_store_url_without_a_bucket(url: str) -> None:
+    with pytest.raises(StorageConfigError, match="names no bucket"):
+        Store.from_url(url)
+
+
 async def test_unreachable_s3_endpoint() -> None:
     port = free_port()  # nothing listens here
     with dask.config.set({"storage-scheduler.connect-timeout": "20s"}):

@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Protocols whose URLs must name a bucket (or container) to be a store.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
 #: Names of the threads that encode, decode and (local directories) write objects.
 THREAD_PREFIX = "storage-scheduler-io"
 
@@ -109,6 +112,7 @@ class Store:
         except (ValueError, ImportError, TypeError) as e:
             message = f"cannot open store URL {redact_url(settings.url)!r}: {e}"
             raise StorageConfigError(redact(message, settings.url)) from e
+        _check_bucket(settings.url, root)
         self.fs = fs
         self.root = root.rstrip("/")
         self._executor = ThreadPoolExecutor(
@@ -364,6 +368,13 @@ class Store:
         from storage_scheduler.store.probe import check
 
         await check(self)
+
+
+def _check_bucket(url: str, root: str) -> None:
+    """An object store's URL must name a bucket: ``s3://`` alone would fail later, at
+    the first write, with an error about something else (credentials, say)."""
+    if not root.strip("/") and url.partition("://")[0] in _OBJECT_STORES:
+        raise StorageConfigError(f"store URL {redact_url(url)!r} names no bucket or container")
 
 
 def _unseal(data: serialize.Buffer, keys: Sequence[bytes], where: str) -> bytes:
