@@ -210,9 +210,13 @@ def _local_files(root: str, maxdepth: int | None = None) -> dict[str, dict[str, 
                     if maxdepth is None or depth < maxdepth:
                         pending.append((entry.path, depth + 1))
                     continue
-                st = entry.stat()
-                files[entry.path] = {"size": st.st_size, "ino": st.st_ino, "mtime": st.st_mtime_ns}
+                files[entry.path] = _stat_info(entry.stat())
     return files
+
+
+def _stat_info(st: os.stat_result) -> dict[str, Any]:
+    """What of a local file's ``stat`` changes when it is rewritten."""
+    return {"size": st.st_size, "ino": st.st_ino, "mtime": st.st_mtime_ns}
 
 
 def _sources_in(value: object, types: tuple[type, ...]) -> list[Any]:
@@ -252,7 +256,7 @@ def _path_version(path: str) -> str | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return _digest(path, {path: {"size": st.st_size, "ino": st.st_ino, "mtime": st.st_mtime_ns}})
+    return _digest(path, {path: _stat_info(st)})
 
 
 def _held_sources(node: Any, types: tuple[type, ...]) -> list[Any]:
@@ -314,22 +318,15 @@ def annotate_sources(
         for dep in node.dependencies:
             if dep not in dsk and dep not in outside:
                 outside[dep] = frozenset(existing(dep) or ())
-    ids = fingerprints(s for found in held.values() for s in found if type(s) is not str)
-    paths: dict[str, str | None] = {}
+    sources = [s for found in held.values() for s in found]
+    ids = fingerprints(s for s in sources if type(s) is not str)
+    paths = {p: _path_version(p) for p in {s for s in sources if type(s) is str}}
     seeds: dict[Any, frozenset[str]] = {}
     for key, found in held.items():
-        versions: set[str] = set()
-        for source in found:
-            if type(source) is str:
-                if source not in paths:
-                    paths[source] = _path_version(source)
-                version = paths[source]
-            else:
-                version = ids[id(source)]
-            if version is not None:
-                versions.add(version)
+        each = (paths[s] if type(s) is str else ids[id(s)] for s in found)
+        versions = frozenset(v for v in each if v is not None)
         if versions:
-            seeds[key] = frozenset(versions)
+            seeds[key] = versions
     if not seeds and not any(outside.values()):
         return 0
     upstream = _propagate(dsk, seeds, outside)
